@@ -1,0 +1,1 @@
+"""catdog: fine-tune image classifiers with Accelerate, then mine what they learned."""

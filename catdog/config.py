@@ -1,0 +1,214 @@
+"""Typed configuration: YAML files plus ``section.key=value`` overrides, validated by pydantic.
+
+One ``Config`` holds a section per stage; every job reads the sections it needs and writes the
+resolved config next to its outputs, so a run directory always says how it was made.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
+
+from catdog.errors import CatdogError
+from catdog.io import write_text
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    """``imagenet`` (the hub, or the bundled file where one exists), ``none``, or a path to a weights file."""
+    drop_rate: Optional[float] = None
+    freeze_stages: int = 0
+    """Freeze the stem and the next stages, this many in all (see each model's ``stages``); 0 trains everything."""
+
+
+class DataConfig(Section):
+    image_size: int = 224
+    hflip: bool = True
+    rotation: float = 10.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 2
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 5
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+
+
+class TrainConfig(Section):
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    cpu: bool = False
+    """Run on the CPU even where a GPU is present."""
+    cpu_threads: Optional[int] = None
+    """Torch threads per process on the CPU; ``None`` shares the cores among the local processes
+    (``accelerate launch`` itself sets OMP_NUM_THREADS=1, which would leave cores idle)."""
+    max_train_batches: Optional[int] = None
+    """Stop each epoch after this many batches (smoke tests); ``None`` trains on everything."""
+
+
+class ExtractConfig(Section):
+    splits: list[str] = ["train", "test", "val"]
+    batch_size: int = 64
+    num_workers: int = 2
+    shard_size: int = 1000
+    """Images per HDF5 shard."""
+    spatial: bool = True
+    """Store each image's last spatial feature map (float16) beside its pooled features."""
+    compression: Optional[Literal["lzf", "gzip"]] = "lzf"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    cpu: bool = False
+    """Run on the CPU even where a GPU is present."""
+
+
+class ForestConfig(Section):
+    backend: Literal["auto", "sklearn", "cuml"] = "auto"
+    n_estimators: int = 100
+    random_state: int = 42
+    max_depth: Optional[int] = None
+    n_jobs: int = -1
+
+
+class ClassifierSpec(Section):
+    estimator: str
+    """A scikit-learn classifier's class name, e.g. ``RandomForestClassifier``."""
+    params: dict = {}
+
+
+class SweepConfig(Section):
+    ks: list[Union[PositiveInt, Literal["all"]]] = [10, 100, 500, 1000, "all"]
+    classifiers: dict[str, ClassifierSpec] = {
+        "rf": ClassifierSpec(estimator="RandomForestClassifier", params={"n_estimators": 100, "random_state": 42}),
+        "lr": ClassifierSpec(estimator="LogisticRegression", params={"max_iter": 1000, "random_state": 42}),
+    }
+    """Name -> scikit-learn estimator class name and its parameters (one line per name in the plot)."""
+    ranking: str = "global"
+    """``global`` (the forest's importances) or a class name (that class's per-class ranking)."""
+    max_retries: NonNegativeInt = 3
+    """Times Ray reruns a cell whose worker or node died."""
+
+
+class TopactConfig(Section):
+    features_per_class: int = 5
+    images_per_feature: int = 10
+    selectivity_top: int = 100
+    """Class shares are reported among each feature's top this-many images."""
+    split: str = "train"
+    overlay_alpha: float = 0.5
+    colormap: str = "jet"
+
+
+class GradcamConfig(Section):
+    methods: list[Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam",
+                          "scorecam"]] = ["gradcam"]
+    """grad-cam methods to compare (scorecam runs one forward pass per channel: hours on a CPU)."""
+    target: Literal["true", "predicted"] = "true"
+    """Explain each image's true class, or the class the model predicts."""
+    images_per_class: int = 3
+    """Val images per class in the grid: one seeded sample, the same for every model."""
+    faithfulness_images: int = 200
+    """Seeded val sample over which the confidence drops are averaged."""
+    removal_fraction: float = 0.2
+    """Share of pixels removed (set to the normalisation mean) for the faithfulness score."""
+    seed: int = 0
+    batch_size: int = 8
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    extract: ExtractConfig = ExtractConfig()
+    forest: ForestConfig = ForestConfig()
+    sweep: SweepConfig = SweepConfig()
+    topact: TopactConfig = TopactConfig()
+    gradcam: GradcamConfig = GradcamConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise CatdogError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["optim.lr=3e-4", "model.name=resnet101"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CatdogError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key")
+        else:
+            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return f"config {source}: " + "; ".join(problems)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise CatdogError(f"config {path}: no such file (see configs/ for examples)") from None
+        except yaml.YAMLError as exc:
+            raise CatdogError(f"config {path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise CatdogError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise CatdogError(_describe(exc, source)) from None
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,133 @@
+"""Image datasets in the ImageFolder layout ``root/{train,test,val}/<class>/<image>`` and their transforms."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from catdog.config import DataConfig
+from catdog.errors import CatdogError
+
+SPLITS = ("train", "test", "val")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# A truncated JPEG decodes with its missing rows filled in rather than stopping an epoch.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+log = logging.getLogger(__name__)
+
+
+def find_classes(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Class names (sorted folder names), checked to be the same, and non-empty, in every split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CatdogError(f"data root {root}: no such directory (expected {root}/{{train,test,val}}/<class>/*.jpg; "
+                          "jobs/prepare.py builds it from PetImages or Kaggle's train folder)")
+    per_split = {}
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise CatdogError(f"data root {root}: missing split folder {split_dir}")
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise CatdogError(f"split {split_dir}: no class folders (expected one folder per class)")
+        per_split[split] = classes
+    first, reference = next(iter(per_split.items()))
+    for split, classes in per_split.items():
+        if classes != reference:
+            raise CatdogError(f"data root {root}: class folders differ between splits: "
+                              f"{first} has {reference}, {split} has {classes}")
+    return reference
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+def _readable(path: Path) -> bool:
+    """Cheap header check: a file PIL cannot even identify (0 bytes, not an image) is left out."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def list_samples(root: str | os.PathLike, split: str, classes: list[str]) -> list[Sample]:
+    """All images of a split, sorted by class then file name; unreadable files are skipped with a warning."""
+    root = Path(root)
+    samples, skipped = [], []
+    for label, name in enumerate(classes):
+        class_dir = root / split / name
+        if not class_dir.is_dir():
+            raise CatdogError(f"split {root / split}: missing class folder {class_dir}")
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            (samples if _readable(path) else skipped).append(Sample(path, label))
+    if skipped:
+        log.warning("%s: skipped %d unreadable file(s), e.g. %s (jobs/prepare.py quarantines these)",
+                    root / split, len(skipped), skipped[0].path)
+    if not samples:
+        raise CatdogError(f"split {root / split}: no readable images in {classes}")
+    return samples
+
+
+def load_rgb(path: Path, size: int | None = None) -> Image.Image:
+    """Decode an image as RGB; JPEGs are decoded at a reduced scale when that still covers ``size``."""
+    with Image.open(path) as image:
+        if size is not None and image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        return image.convert("RGB")
+
+
+def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
+    """The seed's recipe: Resize (square) [+ HFlip + Rotation] + ToTensor + normalisation."""
+    steps: list = [T.Resize((cfg.image_size, cfg.image_size))]
+    if train:
+        if cfg.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        if cfg.rotation:
+            steps.append(T.RandomRotation(cfg.rotation))
+    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    """``(image tensor, label, index)`` for each sample of one split."""
+
+    def __init__(self, root: str | os.PathLike, split: str, classes: list[str], transform, image_size: int):
+        self.root = Path(root)
+        self.split = split
+        self.classes = classes
+        self.samples = list_samples(root, split, classes)
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        sample = self.samples[index]
+        return self.transform(load_rgb(sample.path, self.image_size)), sample.label, index
+
+    def relative_path(self, index: int) -> str:
+        return self.samples[index].path.relative_to(self.root).as_posix()
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+
+def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool = False,
+               classes: list[str] | None = None) -> ImageDataset:
+    """One split of a data root, with the train or eval transform."""
+    classes = classes or find_classes(root)
+    return ImageDataset(root, split, classes, build_transform(cfg, train), cfg.image_size)

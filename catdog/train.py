@@ -1,0 +1,218 @@
+"""The fine-tuning loop, on Accelerate: one process or many, CPU or GPUs, read top to bottom.
+
+Per epoch: train, evaluate on ``test`` (every image counted once across processes), keep the best
+epoch's weights by test accuracy, save a resumable state. At the end: evaluate the best weights on ``val``.
+Each epoch starts from ``set_seed(seed + epoch)``, so a resumed run draws the same shuffles and
+augmentations as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from catdog import models
+from catdog.config import Config, OptimConfig, save_config
+from catdog.devices import resolve_mixed_precision, use_cpu_cores
+from catdog.data import find_classes, open_split
+from catdog.errors import CatdogError
+from catdog.io import atomic_path, write_json, write_text
+from catdog.run import RunDir
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: OptimConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine to zero."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: bool) -> tuple[float, int]:
+    """Accuracy over the whole split; ``gather_for_metrics`` drops the padding added to even out processes."""
+    model.eval()
+    correct = total = 0
+    for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        predictions = model(images).argmax(dim=1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += (predictions == labels).sum().item()
+        total += labels.numel()
+    return correct / total, total
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
+
+def _write_metrics(run: RunDir, history: list[dict]) -> None:
+    write_text(run.metrics_path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> dict:
+    """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``. Returns the summary."""
+    run = RunDir(out)
+    if run.state_path.exists() and not resume:
+        raise CatdogError(f"run {run.path} already has a training state (last.pt): pass --resume to continue it, "
+                          "or choose another --out")
+    use_cpu = config.train.cpu or not torch.cuda.is_available()
+    precision = resolve_mixed_precision(config.train.mixed_precision, use_cpu)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    use_cpu_cores(accelerator, config.train.cpu_threads)
+    channels_last = config.train.channels_last
+
+    classes = find_classes(data_root)
+    train_set = open_split(data_root, "train", config.data, train=True, classes=classes)
+    test_set = open_split(data_root, "test", config.data, classes=classes)
+    val_set = open_split(data_root, "val", config.data, classes=classes)
+    loader_args = dict(num_workers=config.data.num_workers, pin_memory=not use_cpu,
+                       persistent_workers=config.data.num_workers > 0)
+    train_loader = DataLoader(train_set, config.data.batch_size, shuffle=True, **loader_args)
+    test_loader = DataLoader(test_set, config.data.eval_batch_size, **loader_args)
+    val_loader = DataLoader(val_set, config.data.eval_batch_size, **loader_args)
+    steps_per_epoch = len(train_loader)
+    if config.train.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, config.train.max_train_batches)
+
+    set_seed(config.train.seed)
+    model = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
+                          config.model.freeze_stages)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
+    # Built on the unsharded loader's length: Accelerate steps a prepared scheduler once per process.
+    scheduler = build_scheduler(config.optim, optimizer, steps_per_epoch)
+
+    start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
+    if resume and run.state_path.exists():
+        state = torch.load(run.state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        accelerator.print(f"resuming {run.path} after epoch {state['epoch']} "
+                          f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
+    model, optimizer, train_loader, test_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, val_loader, scheduler)
+
+    if accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.config_path)
+    accelerator.print(f"{config.model.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"mixed precision {precision}, classes {classes}, "
+                      f"train/test/val {len(train_set)}/{len(test_set)}/{len(val_set)} images")
+
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    for epoch in range(start_epoch, config.optim.epochs + 1):
+        set_seed(config.train.seed + epoch, device_specific=True)
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        images_per_rank = 0
+        bar = tqdm(total=steps_per_epoch // accelerator.num_processes or 1, desc=f"epoch {epoch}",
+                   disable=not accelerator.is_local_main_process)
+        for step, (images, labels, _) in enumerate(train_loader):
+            if config.train.max_train_batches and step * accelerator.num_processes >= steps_per_epoch:
+                break
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(images), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * labels.numel()
+            images_per_rank += labels.numel()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        train_seconds = time.perf_counter() - epoch_start
+        seen = accelerator.gather(torch.tensor([images_per_rank], device=accelerator.device))
+        train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / seen.sum().item()
+
+        test_accuracy, test_images = evaluate(model, test_loader, accelerator, "test", channels_last)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "test_accuracy": test_accuracy,
+            "test_images": test_images,
+            "lr": scheduler.get_last_lr()[0],
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - epoch_start,
+            "images_per_second": seen.sum().item() / train_seconds,
+            "images_per_rank": seen.tolist(),
+        }
+        history.append(record)
+        accelerator.print(f"epoch {epoch}: train loss {train_loss:.4f}, test {test_accuracy:.2%} "
+                          f"({test_images} images), {record['images_per_second']:.1f} train images/s, "
+                          f"{record['seconds']:.0f} s")
+
+        improved = test_accuracy > best["test_accuracy"]
+        if improved:
+            best = {"epoch": epoch, "test_accuracy": test_accuracy}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            weights = accelerator.unwrap_model(model).state_dict()
+            if improved:
+                _save_atomic(weights, run.best_checkpoint)
+            with atomic_path(run.state_path) as tmp:
+                torch.save({"epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "history": history, "best": best}, tmp)
+            _write_metrics(run, history)
+        accelerator.wait_for_everyone()
+
+    if not run.best_checkpoint.exists():
+        raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
+    accelerator.unwrap_model(model).load_state_dict(load_file(run.best_checkpoint))
+    val_accuracy, val_images = evaluate(model, val_loader, accelerator, "val", channels_last)
+    train_seconds = sum(r["train_seconds"] for r in history)
+    summary = {
+        "model": config.model.name,
+        "classes": classes,
+        "best_epoch": best["epoch"],
+        "best_test_accuracy": best["test_accuracy"],
+        "val_accuracy": val_accuracy,
+        "test_images": history[-1]["test_images"],
+        "val_images": val_images,
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "images_per_second": sum(sum(r["images_per_rank"]) for r in history) / train_seconds,
+        "num_processes": accelerator.num_processes,
+        "images_per_rank": history[-1]["images_per_rank"],
+        "device": str(accelerator.device),
+        "mixed_precision": precision,
+    }
+    accelerator.print(f"best epoch {best['epoch']}: test {best['test_accuracy']:.2%}, val {val_accuracy:.2%} "
+                      f"({val_images} images)")
+    if accelerator.is_main_process:
+        write_json(run.summary_path, summary)
+    accelerator.end_training()
+    return summary

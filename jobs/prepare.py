@@ -1,0 +1,53 @@
+"""Build the train/test/val ImageFolder layout from PetImages or Kaggle's train folder.
+
+    python jobs/prepare.py --source PetImages --out data/cats_vs_dogs
+    python jobs/prepare.py --download --out data/cats_vs_dogs         # fetch Microsoft's PetImages first (online)
+"""
+import argparse
+import zipfile
+from pathlib import Path
+
+from catdog.cli import run_job
+from catdog.download import PETIMAGES_URL, download
+from catdog.errors import CatdogError
+from catdog.prepare import prepare
+
+
+def fetch_petimages(cache: Path, url: str) -> Path:
+    """Download (resumably) and unpack the PetImages archive; returns the PetImages folder."""
+    archive = download(url, cache / Path(url).name)
+    folder = cache / "PetImages"
+    if not folder.is_dir():
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(cache / "unpacking")
+        except zipfile.BadZipFile:
+            raise CatdogError(f"{archive}: not a valid zip archive; delete it and run again") from None
+        (cache / "unpacking" / "PetImages").rename(folder)
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=Path, help="PetImages folder (Cat/, Dog/) or a folder of cat.1.jpg, dog.1.jpg ...")
+    p.add_argument("--download", action="store_true", help="download PetImages first (needs internet)")
+    p.add_argument("--url", default=PETIMAGES_URL, help="archive to download")
+    p.add_argument("--out", type=Path, required=True, help="data root to write ({train,test,val}/<class>/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,test,val fractions")
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args()
+    if args.source is None and not args.download:
+        raise CatdogError("give --source DIR, or --download to fetch PetImages")
+    try:
+        fractions = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        raise CatdogError(f"--split {args.split!r}: expected three comma-separated fractions, e.g. 0.8,0.1,0.1") from None
+    source = args.source or fetch_petimages(args.out.parent / "downloads", args.url)
+    report = prepare(source, args.out, seed=args.seed, fractions=fractions, workers=args.workers)
+    print(f"{report['images']} images: {report['counts']}; converted {len(report['converted'])}, "
+          f"quarantined {len(report['quarantined'])} (see {args.out / 'prepare_report.json'})")
+
+
+if __name__ == "__main__":
+    run_job(main)

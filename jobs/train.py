@@ -1,0 +1,23 @@
+"""Fine-tune an ImageNet CNN on an ImageFolder data root.
+
+    accelerate launch jobs/train.py --config configs/efficientnet_lite0.yaml --data DATA_ROOT --out RUN_DIR
+    accelerate launch jobs/train.py --out RUN_DIR --resume          # continue a killed run
+"""
+from catdog.cli import config_from, parser, run_job
+from catdog.run import RunDir
+from catdog.train import train
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="data root with train/, test/, val/ class folders")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last completed epoch")
+    args = p.parse_args()
+    run = RunDir(args.out)
+    fallback = str(run.config_path) if args.resume and run.config_path.exists() else None
+    train(config_from(args, fallback), args.data, args.out, resume=args.resume)
+
+
+if __name__ == "__main__":
+    run_job(main)

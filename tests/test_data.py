@@ -1,0 +1,58 @@
+import shutil
+
+import pytest
+import torch
+
+from catdog.config import DataConfig
+from catdog.data import find_classes, open_split
+from catdog.errors import CatdogError
+from conftest import make_image_folder
+
+
+def test_classes_and_samples(synthetic_root):
+    assert find_classes(synthetic_root) == ["cat", "dog"]
+    dataset = open_split(synthetic_root, "test", DataConfig(image_size=32))
+    assert len(dataset) == 14
+    image, label, index = dataset[13]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert (label, index) == (1, 13)
+    assert dataset.relative_path(0) == "test/cat/cat.0.jpg"
+
+
+def test_train_transform_augments_eval_does_not(synthetic_root):
+    cfg = DataConfig(image_size=32)
+    train_set = open_split(synthetic_root, "train", cfg, train=True)
+    eval_set = open_split(synthetic_root, "train", cfg)
+    torch.manual_seed(0)
+    draws = [train_set[0][0] for _ in range(4)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    assert torch.equal(eval_set[0][0], eval_set[0][0])
+
+
+def test_unreadable_files_are_skipped_not_fatal(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 3, "test": 2, "val": 2})
+    (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "dog" / "text.jpg").write_text("not an image")
+    assert len(open_split(root, "train", DataConfig(image_size=32))) == 6
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: shutil.rmtree(r / "val"), "missing split folder"),
+    (lambda r: (r / "test" / "bird").mkdir(), "class folders differ between splits"),
+    (lambda r: [shutil.rmtree(r / "test" / c) for c in ("cat", "dog")], "no class folders"),
+])
+def test_layout_errors_name_the_problem(tmp_path, breakage, message):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
+    breakage(root)
+    with pytest.raises(CatdogError, match=message):
+        find_classes(root)
+
+
+def test_empty_split_and_missing_root(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
+    for f in (root / "val").rglob("*.jpg"):
+        f.unlink()
+    with pytest.raises(CatdogError, match="no readable images"):
+        open_split(root, "val", DataConfig())
+    with pytest.raises(CatdogError, match="no such directory"):
+        find_classes(tmp_path / "nowhere")
