@@ -77,7 +77,7 @@ done
 stage "gradcam ${MODEL_LIST[*]} -> $OUT/gradcam"
 if [ -f "$OUT/gradcam/summary.json" ] && python -c "
 import json, sys; s = json.load(open('$OUT/gradcam/summary.json'))
-sys.exit(0 if sorted(s['models']) == sorted(sys.argv[1:]) else 1)" "${MODEL_LIST[@]}"; then
+sys.exit(0 if sorted(m['model'] for m in s['models']) == sorted(sys.argv[1:]) else 1)" "${MODEL_LIST[@]}"; then
   skip gradcam "$OUT/gradcam/summary.json"
 else
   python jobs/gradcam.py --runs "${RUNS[@]}" --data "$DATA" --out "$OUT"; RAN=1

@@ -4,10 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from catdog import models
 from catdog.config import Config, load_config
 from catdog.errors import CatdogError
 from catdog.io import read_json
@@ -58,8 +54,15 @@ class RunDir:
                               f"(accelerate launch jobs/train.py ... --out {self.path}, or --resume)")
         return read_json(self.summary_path)
 
-    def load_model(self, map_location: str | torch.device = "cpu") -> tuple[models.Network, list[str]]:
-        """The best checkpoint as a ``Network`` in eval mode, and the class names."""
+    def load_model(self, map_location: str = "cpu"):
+        """The best checkpoint as a ``catdog.models.Network`` in eval mode, and the class names.
+
+        torch is imported here, not at module level, so Ray workers that only need paths stay light.
+        """
+        from safetensors.torch import load_file
+
+        from catdog import models
+
         summary, config = self.summary(), self.config()
         if not self.best_checkpoint.is_file():
             raise CatdogError(f"run {self.path}: summary.json exists but best.safetensors is missing")

@@ -63,12 +63,17 @@ def test_cosine_schedule_warms_up_and_decays():
     (["model.name=vgg"], "unknown model 'vgg'"),
     (["optim.nope=1"], "optim.nope: unknown key"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, synthetic_root, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, synthetic_root, monkeypatch, capsys, args, message):
+    import runpy
+
     base = ["--config", "configs/efficientnet_lite0.yaml", "--data", str(synthetic_root), "--out", str(tmp_path / "r")]
-    process = _job(*base, *args)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 2, output
-    assert output.strip().splitlines()[-1].startswith("error: ") and message in output
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["jobs/train.py", *base, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path("jobs/train.py", run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and message in error[-1]
 
 
 @pytest.mark.slow

@@ -1,0 +1,315 @@
+"""Grad-CAM across models: heat maps for one shared val sample, and a faithfulness score per model and method.
+
+Faithfulness compares two confidence drops, each the mean fall of the target class's softmax probability:
+removing the most salient ``removal_fraction`` of pixels, and removing the same share at random. "Removing"
+sets a pixel to the normalisation mean (0 in the normalised tensor, every channel). The random removal
+thresholds uniform noise drawn at the CAM layer's resolution and upsampled like a CAM, so both removals
+cover blobs of a similar size rather than salient blobs against scattered single pixels.
+
+Each (run, method) result is kept in ``OUT/gradcam/parts/`` with what it was computed from, so a rerun after
+a kill, or with a method added, only computes what is missing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from catdog.config import Config, DataConfig, GradcamConfig, save_config
+from catdog.data import ImageDataset, find_classes, load_rgb, open_split
+from catdog.errors import CatdogError
+from catdog.io import atomic_path, read_json, write_json
+from catdog.models import Network, get_spec
+from catdog.run import RunDir
+from catdog.store import file_sha256
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+    "scorecam": ScoreCAM,
+}
+REMOVAL = "set to the normalisation mean (0 after normalisation)"
+RANDOM_BASELINE = "uniform noise at the CAM layer's resolution, upsampled like a CAM, its highest pixels removed"
+DISPLAY_SIZE = 224
+"""Side of each square grid cell, in pixels (photos are squashed to a square like the eval transform)."""
+
+
+def sample_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
+    """A seeded sample of ``per_class`` indices of each label (all of a label's when it has fewer), by label."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen += sorted(rng.choice(members, min(per_class, len(members)), replace=False).tolist())
+    return chosen
+
+
+def sample_indices(total: int, count: int, seed: int) -> list[int]:
+    """A seeded sample of ``count`` of ``range(total)`` (all of them when there are fewer), sorted."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(total, min(count, total), replace=False).tolist())
+
+
+def upsample(maps: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of (B, h, w) maps to (B, size, size)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def top_fraction_mask(saliency: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean (B, H, W): exactly ``round(fraction * H * W)`` pixels of each map, the highest; ties broken at random."""
+    batch, height, width = saliency.shape
+    count = round(fraction * height * width)
+    flat = saliency.reshape(batch, -1)
+    mask = np.zeros(flat.shape, dtype=bool)
+    for row, values in enumerate(flat):
+        order = np.lexsort((rng.random(values.size), -values))
+        mask[row, order[:count]] = True
+    return mask.reshape(saliency.shape)
+
+
+def random_saliency(batch: int, grid: tuple[int, int], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform noise on the CAM layer's ``grid``, upsampled to (batch, size, size) like a CAM."""
+    return upsample(rng.random((batch, *grid)), size)
+
+
+def remove_pixels(images: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """Normalised images (B, C, H, W) with the masked pixels set to 0, the normalisation mean."""
+    keep = torch.from_numpy(~mask)[:, None].to(images.device, images.dtype)
+    return images * keep
+
+
+def faithfulness(before: np.ndarray, after_salient: np.ndarray, after_random: np.ndarray) -> dict:
+    """Mean confidence drops (probability before minus after removal) and how often salient beats random."""
+    salient_drop, random_drop = before - after_salient, before - after_random
+    return {
+        "salient_drop": float(salient_drop.mean()),
+        "random_drop": float(random_drop.mean()),
+        "salient_wins": float((salient_drop > random_drop).mean()),
+        "mean_confidence": float(before.mean()),
+        "n_images": int(before.size),
+    }
+
+
+def check_config(cfg: GradcamConfig) -> None:
+    if not 0 < cfg.removal_fraction < 1:
+        raise CatdogError(f"gradcam.removal_fraction: {cfg.removal_fraction} must lie strictly between 0 and 1")
+    for field in ("images_per_class", "faithfulness_images", "batch_size"):
+        if getattr(cfg, field) < 1:
+            raise CatdogError(f"gradcam.{field}: {getattr(cfg, field)} must be at least 1")
+    if not cfg.methods:
+        raise CatdogError(f"gradcam.methods: empty; name at least one of {', '.join(METHODS)}")
+
+
+def layer_grid(network: Network, image_size: int) -> tuple[int, int]:
+    """Spatial size of the CAM layer's output for a square ``image_size`` input."""
+    shapes = []
+    handle = network.cam_layer.register_forward_hook(lambda module, args, output: shapes.append(output.shape))
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, image_size, image_size, device=next(network.parameters()).device))
+    finally:
+        handle.remove()
+    return tuple(shapes[0][-2:])
+
+
+@torch.no_grad()
+def probabilities(network: Network, images: torch.Tensor) -> torch.Tensor:
+    return network(images).softmax(dim=1)
+
+
+def class_activation_maps(network: Network, method: str, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """(B, H, W) maps in [0, 1] for each image's target class, from the registry's CAM layer."""
+    maps = None
+    with METHODS[method](model=network, target_layers=[network.cam_layer]) as cam:
+        maps = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    if maps is None:  # grad-cam's __exit__ prints an IndexError and swallows it
+        raise RuntimeError(f"{method} on {network.name} failed (see the message printed above)")
+    return maps
+
+
+def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig) -> DataLoader:
+    return DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=data.num_workers)
+
+
+def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
+          data: DataConfig, bar: tqdm) -> tuple[np.ndarray, list[dict]]:
+    """The grid images' maps, and each image's prediction and its probability."""
+    device, classes = next(network.parameters()).device, dataset.classes
+    maps, predictions = [], []
+    for images, labels, indices in _loader(dataset, rows, cfg.batch_size, data):
+        images, labels = images.to(device), labels.to(device)
+        probs = probabilities(network, images)
+        targets = labels if cfg.target == "true" else probs.argmax(dim=1)
+        maps.append(class_activation_maps(network, method, images, targets))
+        for index, p in zip(indices.tolist(), probs.cpu()):
+            predictions.append({"image": dataset.relative_path(index), "label": classes[dataset.samples[index].label],
+                                "predicted": classes[int(p.argmax())], "probability": float(p.max())})
+        bar.update(len(images))
+    return np.concatenate(maps), predictions
+
+
+def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
+                  data: DataConfig, bar: tqdm) -> dict:
+    """Target-class probabilities before and after removing the salient or a random share; their drops."""
+    device, size = next(network.parameters()).device, data.image_size
+    grid = layer_grid(network, size)
+    rng = np.random.default_rng([cfg.seed, 1])
+    before, after_salient, after_random, predictions = [], [], [], []
+    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data):
+        images, labels = images.to(device), labels.to(device)
+        probs = probabilities(network, images)
+        targets = labels if cfg.target == "true" else probs.argmax(dim=1)
+        salient = top_fraction_mask(class_activation_maps(network, method, images, targets), cfg.removal_fraction, rng)
+        random = top_fraction_mask(random_saliency(len(images), grid, size, rng), cfg.removal_fraction, rng)
+        picked = torch.arange(len(images), device=device)
+        before.append(probs[picked, targets].cpu().numpy())
+        after_salient.append(probabilities(network, remove_pixels(images, salient))[picked, targets].cpu().numpy())
+        after_random.append(probabilities(network, remove_pixels(images, random))[picked, targets].cpu().numpy())
+        predictions += [dataset.classes[int(i)] for i in probs.argmax(dim=1)]
+        bar.update(len(images))
+    score = faithfulness(np.concatenate(before), np.concatenate(after_salient), np.concatenate(after_random))
+    return {**score, "cam_grid": list(grid), "predictions": predictions}
+
+
+def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: list[int], faith_rows: list[int],
+             cfg: GradcamConfig, data: DataConfig, desc: str) -> tuple[dict, np.ndarray]:
+    """One model and method: the grid's maps and predictions, and the faithfulness score."""
+    with tqdm(total=len(grid_rows) + len(faith_rows), desc=desc, unit="img") as bar:
+        maps, grid_predictions = _grid(network, method, dataset, grid_rows, cfg, data, bar)
+        result = _faithfulness(network, method, dataset, faith_rows, cfg, data, bar)
+    return {**result, "grid_predictions": grid_predictions}, maps
+
+
+def _identity(run: RunDir, method: str, data_root: Path, cfg: GradcamConfig, data: DataConfig) -> dict:
+    """What a part's numbers depend on: a stored part is reused only when all of it matches."""
+    settings = cfg.model_dump(mode="json", exclude={"methods", "batch_size"})
+    return {"run": str(run.path.resolve()), "checkpoint_sha256": file_sha256(run.best_checkpoint), "method": method,
+            "data": str(data_root.resolve()), "gradcam": settings, "transform": data.model_dump(mode="json")}
+
+
+def _run_classes(run: RunDir, classes: list[str], data_root: Path) -> None:
+    trained_on = run.summary()["classes"]
+    if trained_on != classes:
+        raise CatdogError(f"run {run.path} was trained on classes {trained_on}, but {data_root} has {classes}; "
+                          "give the data root it was trained on")
+
+
+def draw_grid(photos: list[np.ndarray], row_titles: list[str], columns: list[dict], path: Path) -> None:
+    """One row per photo: the photo, then each column's heat map over it, titled with the prediction.
+
+    ``columns``: ``{"title", "maps" (N, S, S), "predictions" [{"predicted", "probability", "label"}]}``.
+    A wrong prediction's title is red.
+    """
+    rows, cols = len(photos), 1 + len(columns)
+    figure = Figure(figsize=(2.3 * cols, 2.5 * rows + 0.5), layout="constrained")
+    axes = figure.subplots(rows + 1, cols, squeeze=False, gridspec_kw={"height_ratios": [0.18] + [1] * rows})
+    for c, header in enumerate(["photo"] + [column["title"] for column in columns]):
+        axes[0, c].text(0.5, 0.5, header, ha="center", va="center", fontsize=9, weight="bold")
+        axes[0, c].axis("off")
+    for r, (photo, title) in enumerate(zip(photos, row_titles), start=1):
+        axes[r, 0].imshow(photo)
+        axes[r, 0].set_title(title, fontsize=8)
+        for c, column in enumerate(columns, start=1):
+            heat = upsample(column["maps"][r - 1:r], DISPLAY_SIZE)[0].clip(0, 1)
+            axes[r, c].imshow(show_cam_on_image(photo, heat, use_rgb=True))
+            prediction = column["predictions"][r - 1]
+            right = prediction["predicted"] == prediction["label"]
+            axes[r, c].set_title(f"{prediction['predicted']} {prediction['probability']:.1%}", fontsize=9,
+                                 color="black" if right else "red")
+        for axis in axes[r]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def _photo(path: Path) -> np.ndarray:
+    image = load_rgb(path).resize((DISPLAY_SIZE, DISPLAY_SIZE))
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, out: str | os.PathLike,
+            config: Config) -> dict:
+    """Explain every run's model on the same val images; write ``OUT/gradcam/{grid.png,summary.json}``."""
+    cfg = config.gradcam
+    check_config(cfg)
+    data_root, stage = Path(data_root), Path(out) / "gradcam"
+    runs = [RunDir(p) for p in run_paths]
+    classes = find_classes(data_root)
+    for run in runs:
+        _run_classes(run, classes, data_root)
+    save_config(config, stage / "config.yaml")
+    reference = open_split(data_root, "val", config.data, classes=classes)
+    grid_rows = sample_per_class(reference.labels, cfg.images_per_class, cfg.seed)
+    faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, columns = [], []
+    for number, run in enumerate(runs):
+        run_config = run.config()
+        data, model_name = run_config.data, run_config.model.name
+        dataset = open_split(data_root, "val", data, classes=classes)
+        network = None
+        entry = {"run": str(run.path), "model": model_name, "image_size": data.image_size,
+                 "cam_layer": get_spec(model_name).cam_layer, "methods": {}}
+        for method in cfg.methods:
+            part = stage / "parts" / f"{number:02d}-{run.path.name}-{method}"
+            identity = _identity(run, method, data_root, cfg, data)
+            json_path, maps_path = part.with_suffix(".json"), part.with_suffix(".npy")
+            if json_path.is_file() and maps_path.is_file() and read_json(json_path)["identity"] == identity:
+                result, maps = read_json(json_path), np.load(maps_path)
+                log.info("%s %s: reusing %s", run.path, method, json_path)
+            else:
+                if network is None:
+                    network = run.load_model()[0].to(device)
+                result, maps = _explain(network, method, dataset, grid_rows, faith_rows, cfg, data,
+                                        desc=f"{run.path.name} {method}")
+                with atomic_path(maps_path) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, maps.astype(np.float16))
+                result = {"identity": identity, **result}
+                write_json(json_path, result)
+            entry.update(grid_predictions=result["grid_predictions"], predictions=result["predictions"])
+            entry["methods"][method] = {key: result[key] for key in
+                                        ("salient_drop", "random_drop", "salient_wins", "mean_confidence", "n_images")}
+            columns.append({"title": f"{model_name} ({run.path.name})\n{method}", "maps": maps,
+                            "predictions": result["grid_predictions"]})
+        models.append(entry)
+
+    photos = [_photo(reference.samples[i].path) for i in grid_rows]
+    titles = [f"{classes[reference.samples[i].label]}: {reference.samples[i].path.name}" for i in grid_rows]
+    draw_grid(photos, titles, columns, stage / "grid.png")
+    summary = {
+        "data": str(data_root),
+        "split": "val",
+        "target": cfg.target,
+        "methods": list(cfg.methods),
+        "removal": REMOVAL,
+        "removal_fraction": cfg.removal_fraction,
+        "random_baseline": RANDOM_BASELINE,
+        "grid_images": [reference.relative_path(i) for i in grid_rows],
+        "faithfulness_images": [reference.relative_path(i) for i in faith_rows],
+        "models": models,
+    }
+    write_json(stage / "summary.json", summary)
+    return summary

@@ -1,0 +1,203 @@
+"""A random forest on the feature store's pooled features, its feature importances and per-class rankings.
+
+Backend: cuML's RandomForestClassifier on a CUDA GPU when cuML is installed, else scikit-learn on all cores.
+Importance is the impurity importance (mean decrease in Gini impurity, scikit-learn's ``feature_importances_``);
+on cuML it is read from ``feature_importances_`` where the installed cuML has it, else derived from the
+fitted trees (``get_json``) with the same definition. The per-class ranking signs each feature's importance
+by the class its activation favours (see ``signed_importances``), so each class gets its own list.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from catdog.config import Config, ForestConfig, save_config
+from catdog.errors import CatdogError
+from catdog.io import atomic_path, write_json, write_text
+from catdog.run import RunDir
+from catdog.store import FeatureStore
+
+Predict = Callable[[np.ndarray], np.ndarray]
+CUML_DEPTH_CAP = 64
+"""cuML before 26.02 cannot grow trees without a depth limit; ``forest.max_depth: null`` means this there."""
+
+
+def cuml_available() -> bool:
+    """A CUDA GPU and an importable cuML."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cuml  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(setting: str, gpu_forest: bool) -> str:
+    """``auto`` -> cuml when ``gpu_forest`` (GPU and cuML present), else sklearn; ``cuml`` needs ``gpu_forest``."""
+    if setting == "cuml" and not gpu_forest:
+        raise CatdogError("forest.backend=cuml needs a CUDA GPU and cuML (pip install 'catdog[gpu]'); "
+                          "use forest.backend=auto or forest.backend=sklearn")
+    if setting == "auto":
+        return "cuml" if gpu_forest else "sklearn"
+    return setting
+
+
+def impurity_importances(trees: list[dict], n_features: int) -> np.ndarray:
+    """scikit-learn's impurity importance from trees in cuML's JSON form (``RandomForestClassifier.get_json``).
+
+    A split node carries ``split_feature``, ``gain`` (impurity decrease, children weighted by their share of
+    the node) and ``instance_count``; its feature earns ``instance_count * gain``. Each tree's importances are
+    normalised to sum to 1, averaged over the trees that split at all, and normalised again.
+    """
+    per_tree = []
+    for root in trees:
+        importance = np.zeros(n_features)
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if "children" in node:
+                importance[node["split_feature"]] += node["instance_count"] * node["gain"]
+                stack.extend(node["children"])
+        if importance.sum() > 0:
+            per_tree.append(importance / importance.sum())
+    if not per_tree:
+        return np.zeros(n_features)
+    mean = np.mean(per_tree, axis=0)
+    return mean / mean.sum()
+
+
+def signed_importances(importances: np.ndarray, features: np.ndarray, labels: np.ndarray,
+                       n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class c and feature j: ``importance_j * sign(mean_j on class c - mean_j on the other classes)``.
+
+    Returns ``(signed, mean_in_class, mean_in_others)``, each (n_classes, D).
+    """
+    mean_in = np.stack([features[labels == c].mean(axis=0) for c in range(n_classes)])
+    mean_out = np.stack([features[labels != c].mean(axis=0) for c in range(n_classes)])
+    return importances[None, :] * np.sign(mean_in - mean_out), mean_in, mean_out
+
+
+def rank_descending(scores: np.ndarray) -> np.ndarray:
+    """Feature indices from highest to lowest score; ties keep the lower index first."""
+    return np.argsort(-scores, kind="stable")
+
+
+def ranking_csv(importances: np.ndarray) -> str:
+    """``rank,feature,importance`` for every feature, most important first (rank 1)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["rank", "feature", "importance"])
+    for rank, j in enumerate(rank_descending(importances), start=1):
+        writer.writerow([rank, j, f"{importances[j]:.8g}"])
+    return out.getvalue()
+
+
+def per_class_csv(classes: list[str], importances: np.ndarray, signed: np.ndarray, mean_in: np.ndarray,
+                  mean_out: np.ndarray) -> str:
+    """Per class, every feature ranked by descending signed importance (rank 1 = most important for it)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["class", "rank", "feature", "signed_importance", "importance", "mean_in_class",
+                     "mean_in_others"])
+    for c, name in enumerate(classes):
+        for rank, j in enumerate(rank_descending(signed[c]), start=1):
+            writer.writerow([name, rank, j, f"{signed[c, j]:.8g}", f"{importances[j]:.8g}",
+                             f"{mean_in[c, j]:.6g}", f"{mean_out[c, j]:.6g}"])
+    return out.getvalue()
+
+
+def fit_sklearn(cfg: ForestConfig, features: np.ndarray, labels: np.ndarray) -> tuple[Predict, np.ndarray]:
+    from sklearn.ensemble import RandomForestClassifier
+
+    model = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=cfg.random_state,
+                                   max_depth=cfg.max_depth, n_jobs=cfg.n_jobs)
+    model.fit(features, labels)
+    return model.predict, model.feature_importances_
+
+
+def max_depth_for(cfg: ForestConfig, backend: str) -> int | None:
+    """The depth limit the backend gets: scikit-learn's ``None`` is unlimited, cuML's is ``CUML_DEPTH_CAP``."""
+    if backend == "cuml" and cfg.max_depth is None:
+        return CUML_DEPTH_CAP
+    return cfg.max_depth
+
+
+def fit_cuml(cfg: ForestConfig, features: np.ndarray, labels: np.ndarray) -> tuple[Predict, np.ndarray]:
+    """cuML on float32 GPU arrays; one CUDA stream, so that ``random_state`` makes the forest reproducible."""
+    import cupy as cp
+    from cuml.ensemble import RandomForestClassifier
+
+    model = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=cfg.random_state,
+                                   max_depth=max_depth_for(cfg, "cuml"), n_streams=1)
+    model.fit(cp.asarray(features, dtype=cp.float32), cp.asarray(labels, dtype=cp.int32))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return cp.asnumpy(model.predict(cp.asarray(x, dtype=cp.float32))).astype(np.int64)
+
+    if hasattr(model, "feature_importances_"):
+        importances = cp.asnumpy(cp.asarray(model.feature_importances_))
+    else:
+        importances = impurity_importances(json.loads(model.get_json()), features.shape[1])
+    return predict, importances
+
+
+def _save_npy(path: os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+def run_forest(config: Config, run_dir: str | os.PathLike) -> dict:
+    """Fit the forest on the run's train features, score every split, write ``RUN/forest/``. Returns the summary."""
+    cfg = config.forest
+    run = RunDir(run_dir)
+    store = FeatureStore(run.stage("features"))
+    if "train" not in store.splits:
+        raise CatdogError(f"feature store {store.path}: no train split (it has {store.splits}); "
+                          f"extract it: jobs/extract.py --run {run.path} --data DATA_ROOT")
+    features, labels = store.features("train"), store.labels("train")
+    backend = choose_backend(cfg.backend, cfg.backend != "sklearn" and cuml_available())
+    print(f"forest: {cfg.n_estimators} trees on {len(labels)} x {features.shape[1]} train features, "
+          f"backend {backend}")
+    start = time.perf_counter()
+    predict, importances = (fit_cuml if backend == "cuml" else fit_sklearn)(cfg, features, labels)
+    fit_seconds = time.perf_counter() - start
+
+    accuracies = {f"{split}_accuracy": float(np.mean(predict(store.features(split)) == store.labels(split)))
+                  for split in ["train", *[s for s in store.splits if s != "train"]]}
+    signed, mean_in, mean_out = signed_importances(importances, features, labels, len(store.classes))
+    top = {"global": rank_descending(importances)[:10].tolist()}
+    top.update({name: rank_descending(signed[c])[:10].tolist() for c, name in enumerate(store.classes)})
+    summary = {
+        **accuracies,
+        "backend": backend,
+        "fit_seconds": fit_seconds,
+        "n_estimators": cfg.n_estimators,
+        "random_state": cfg.random_state,
+        "max_depth": max_depth_for(cfg, backend),
+        "train_rows": int(len(labels)),
+        "feature_dim": int(features.shape[1]),
+        "classes": store.classes,
+        "checkpoint_sha256": store.manifest["checkpoint_sha256"],
+        "importance": "impurity (mean decrease in Gini impurity)",
+        "per_class_importance": "importance * sign(mean activation on the class - mean on the other classes), "
+                                "train split",
+        "top10": top,
+    }
+    out = run.stage("forest")
+    _save_npy(out / "importances.npy", importances)
+    write_text(out / "ranking.csv", ranking_csv(importances))
+    write_text(out / "ranking_per_class.csv", per_class_csv(store.classes, importances, signed, mean_in, mean_out))
+    save_config(config, out / "config.yaml")
+    write_json(out / "summary.json", summary)
+    print("forest (" + backend + "): " + ", ".join(f"{k.removesuffix('_accuracy')} {v:.2%}"
+                                                 for k, v in accuracies.items()) + f"; fit {fit_seconds:.1f} s")
+    return summary

@@ -1,0 +1,27 @@
+"""Extract pooled features and spatial maps of every image into the run's HDF5 feature store.
+
+    python jobs/extract.py --run RUN_DIR --data DATA_ROOT
+    python jobs/extract.py --run RUN_DIR --data DATA_ROOT extract.splits=[train] extract.spatial=false
+    accelerate launch --multi_gpu --num_processes N jobs/extract.py --run RUN_DIR --data DATA_ROOT
+
+With N processes (GPUs, or CPU processes where there is no GPU) each writes its share of the shards.
+
+Writes RUN_DIR/features/{manifest.json, <split>-<nnnn>.h5, config.yaml}. A killed extraction, run again,
+writes only the missing shards; a store from another checkpoint is refused unless --overwrite.
+"""
+from catdog.cli import config_from, parser, run_job
+from catdog.extract import extract
+from catdog.run import RunDir
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--run", required=True, help="run directory written by jobs/train.py")
+    p.add_argument("--data", required=True, help="data root with train/, test/, val/ class folders")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the store from scratch")
+    args = p.parse_args()
+    extract(config_from(args, fallback=str(RunDir(args.run).config_path)), args.run, args.data, args.overwrite)
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,33 @@
+"""Grad-CAM heat maps of several trained runs on the same val images, and a faithfulness score per model.
+
+    python jobs/gradcam.py --runs RUN_DIR [RUN_DIR ...] --data DATA_ROOT --out OUT_DIR
+    python jobs/gradcam.py gradcam.methods=[gradcam,layercam] --runs ...   # overrides before --runs
+
+Writes OUT_DIR/gradcam/{grid.png,summary.json,config.yaml}. The gradcam section comes from --config (default: the
+first run's config.yaml) plus overrides; each model's eval transform comes from its own run's config.yaml.
+"""
+from catdog.cam import gradcam
+from catdog.cli import config_from, parser, run_job
+from catdog.errors import CatdogError
+from catdog.run import RunDir
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories written by jobs/train.py")
+    p.add_argument("--data", required=True, help="data root with a val/ split (the one the runs were trained on)")
+    p.add_argument("--out", required=True, help="folder to write gradcam/ into")
+    args = p.parse_args()
+    misplaced = [run for run in args.runs if "=" in run]
+    if misplaced:
+        raise CatdogError(f"--runs {misplaced[0]}: looks like an override; put overrides before --runs")
+    summary = gradcam(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
+    for model in summary["models"]:
+        for method, score in model["methods"].items():
+            print(f"{model['run']} ({model['model']}) {method}: confidence drop {score['salient_drop']:.3f} removing "
+                  f"the most salient {summary['removal_fraction']:.0%} vs {score['random_drop']:.3f} removing a random "
+                  f"{summary['removal_fraction']:.0%} ({score['n_images']} images)")
+
+
+if __name__ == "__main__":
+    run_job(main)

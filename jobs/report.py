@@ -1,0 +1,29 @@
+"""One self-contained HTML report (plus summary.json) of every stage of one or more runs.
+
+    python jobs/report.py --runs RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--gradcam OUT_DIR/gradcam]
+
+Writes REPORT_DIR/index.html (images embedded, opens offline) and REPORT_DIR/summary.json. Stages that have
+not run yet are shown as missing, with the command that makes them.
+"""
+import argparse
+
+from catdog.cli import run_job
+from catdog.report import report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories written by jobs/train.py")
+    p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--gradcam", help="the gradcam/ folder written by jobs/gradcam.py")
+    args = p.parse_args()
+    summary = report(args.runs, args.out, args.gradcam)
+    for run in summary["runs"]:
+        missing = [stage for stage in ("training", "architecture", "forest", "sweep", "topact")
+                   if "missing" in run[stage]]
+        print(f"{run['run']} ({run['model']}): missing stages: {', '.join(missing) or 'none'}")
+    print(f"wrote {args.out}/index.html and {args.out}/summary.json")
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,25 @@
+"""Refit classifiers on the forest's top-k features: one Ray task per (k, classifier) cell, resumable.
+
+    python jobs/sweep.py --run RUN_DIR                        # a local Ray sized to this machine
+    python jobs/sweep.py --run RUN_DIR --address HEAD:6379    # an existing cluster (or set RAY_ADDRESS)
+    ray job submit --address http://HEAD:8265 -- python jobs/sweep.py --run RUN_DIR
+    ray submit configs/ray-cluster.yaml jobs/sweep.py -- --run RUN_DIR
+"""
+from catdog.cli import config_from, parser, run_job
+from catdog.run import RunDir
+from catdog.sweep import format_table, run_sweep
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--run", required=True, help="run directory with features/ and forest/")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+    args = p.parse_args()
+    run = RunDir(args.run)
+    rows = run_sweep(run.path, config_from(args, fallback=str(run.config_path)), address=args.address)
+    print(format_table(rows))
+    print(f"wrote {run.stage('sweep') / 'results.csv'} and {run.stage('sweep') / 'accuracy_vs_k.png'}")
+
+
+if __name__ == "__main__":
+    run_job(main)

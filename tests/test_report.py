@@ -1,0 +1,181 @@
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catdog.cam import gradcam
+from catdog.errors import CatdogError
+from catdog.io import read_json, write_json
+from catdog.report import architecture, report
+from catdog.sweep import plot_accuracy, write_results
+from conftest import tiny_config
+
+CHROMIUM = shutil.which("chromium")
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const marker = document.createElement("pre");
+  marker.id = "browser-check";
+  marker.textContent = JSON.stringify({
+    images: images.length,
+    loaded: images.filter(image => image.complete && image.naturalWidth > 0).length,
+    tables: document.querySelectorAll("table").length,
+  });
+  document.body.appendChild(marker);
+});
+</script>"""
+
+
+def chromium(profile: Path, *args: str) -> str:
+    """Headless Chromium with no network (every host name fails to resolve); returns stdout."""
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", *args],
+        capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout
+
+
+def browser_check(page: Path, workdir: Path, screenshot: Path | None = None) -> dict:
+    """Open ``page`` in Chromium: how many images it has, how many decoded, how many tables; optionally a screenshot."""
+    checked = workdir / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    dom = chromium(workdir / "profile", "--dump-dom", checked.as_uri())
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', dom)
+    assert found, f"the check script did not run; DOM starts: {dom[:300]}"
+    if screenshot is not None:
+        chromium(workdir / "profile", f"--screenshot={screenshot}", "--window-size=1280,2000", "--hide-scrollbars",
+                 page.as_uri())
+    return json.loads(found.group(1))
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> None:
+    Image.new("RGB", (120, 60), colour).save(path)
+
+
+def add_later_stages(run: Path) -> None:
+    """Forest, sweep and top-activation outputs in the layout their jobs write (small made-up numbers)."""
+    write_json(run / "forest" / "summary.json", {
+        "train_accuracy": 1.0, "test_accuracy": 0.75, "val_accuracy": 0.7, "backend": "sklearn",
+        "n_estimators": 10, "classes": ["cat", "dog"], "top10": {"global": [3, 1, 2], "cat": [1], "dog": [2]}})
+    rows = [{"k": str(k), "classifier": "lr", "n_features": k, "test_accuracy": 0.6 + k / 10_000,
+             "val_accuracy": 0.55 + k / 10_000, "fit_seconds": 0.01, "estimator": "LogisticRegression",
+             "params": "{}", "ranking": "global"} for k in (10, 100, 1280)]
+    (run / "sweep").mkdir()
+    write_results(run / "sweep" / "results.csv", rows)
+    plot_accuracy([{key: str(value) for key, value in row.items()} for row in rows],
+                  run / "sweep" / "accuracy_vs_k.png")
+    (run / "topact").mkdir()
+    classes = {}
+    for name, colour in (("cat", (200, 40, 40)), ("dog", (40, 160, 40))):
+        classes[name] = []
+        for rank, feature in enumerate((7, 42), start=1):
+            _png(run / "topact" / f"{name}-f{feature}.png", colour)
+            classes[name].append({"feature": feature, "rank": rank, "montage": f"{name}-f{feature}.png",
+                                  "class_shares": {"cat": 0.8, "dog": 0.2},
+                                  "images": [{"path": f"train/{name}/{name}.0.jpg", "row": 0, "activation": 1.5,
+                                              "label": name}]})
+    write_json(run / "topact" / "index.json",
+               {"split": "train", "images_per_feature": 1, "selectivity_top": 5, "classes": classes})
+
+
+@pytest.fixture(scope="module")
+def full_report(tiny_run, synthetic_root, tmp_path_factory) -> Path:
+    """A report of a run with every stage present (Grad-CAM computed for real, later stages made up)."""
+    root = tmp_path_factory.mktemp("full")
+    run = root / "lite0"
+    shutil.copytree(tiny_run, run)
+    add_later_stages(run)
+    gradcam([run], synthetic_root, root / "out", tiny_config("gradcam.images_per_class=1",
+                                                             "gradcam.faithfulness_images=4"))
+    report([run], root / "report", root / "out" / "gradcam")
+    return root / "report"
+
+
+def test_report_of_a_run_with_missing_stages(tiny_run, tmp_path):
+    summary = report([tiny_run], tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert read_json(tmp_path / "report" / "summary.json") == json.loads(json.dumps(summary))
+    (run,) = summary["runs"]
+    assert 0 <= run["training"]["val_accuracy"] <= 1 and len(run["training"]["curve"]) == 1
+    for stage, job in (("forest", "jobs/forest.py"), ("sweep", "jobs/sweep.py"), ("topact", "jobs/topact.py")):
+        assert job in run[stage]["missing"]
+        assert f"missing (run python {job}" in page or f"then python {job}" in page
+    assert "jobs/gradcam.py --runs" in summary["gradcam"]["missing"]
+    assert page.count('class="missing"') == 4
+    assert "data:image/png;base64," in page  # the training curves
+
+
+def test_training_not_finished_is_shown_as_missing(tiny_run, tmp_path):
+    run = tmp_path / "unfinished"
+    shutil.copytree(tiny_run, run)
+    (run / "summary.json").unlink()
+    summary = report([run], tmp_path / "report")
+    assert summary["runs"][0]["training"]["missing"] == f"run accelerate launch jobs/train.py --out {run} --resume"
+    assert summary["runs"][0]["architecture"]["missing"] == summary["runs"][0]["training"]["missing"]
+    assert summary["runs"][0]["training"]["curve"]  # metrics.jsonl is still drawn
+
+
+def test_report_needs_existing_run_directories(tmp_path):
+    with pytest.raises(CatdogError, match="no such directory"):
+        report([tmp_path / "absent"], tmp_path / "report")
+
+
+def test_architecture_walks_the_backbone():
+    arch = architecture("efficientnet_lite0", 2, 64)
+    layers = {layer["name"]: layer for layer in arch["layers"]}
+    assert layers["conv_stem"]["output_shape"] == [1, 32, 32, 32]
+    assert layers["bn2"]["output_shape"] == [1, 1280, 2, 2]
+    assert layers["classifier"]["output_shape"] == [1, 2] and layers["classifier"]["parameters"] == 1280 * 2 + 2
+    assert sum(layer["parameters"] for layer in arch["layers"]) == arch["parameters"]
+
+
+def test_full_report_shows_every_stage(full_report):
+    page = (full_report / "index.html").read_text()
+    summary = read_json(full_report / "summary.json")
+    assert 'class="missing"' not in page
+    (run,) = summary["runs"]
+    assert run["forest"]["summary"]["test_accuracy"] == 0.75 and "75.00%" in page
+    assert [row["k"] for row in run["sweep"]["rows"]] == ["10", "100", "1280"]
+    assert [e["feature"] for e in run["topact"]["classes"]["dog"]] == [7, 42]
+    assert summary["gradcam"]["summary"]["models"][0]["methods"]["gradcam"]["n_images"] == 4
+    # curves, gradcam grid, sweep plot, 4 montages; every image embedded, nothing fetched
+    assert page.count("<img ") == 7 == page.count('src="data:image/png;base64,')
+    assert page.count("<table>") == 10 and "{'" not in page  # no Python reprs leak into the page
+
+
+def test_report_escapes_html_in_values(full_report, tmp_path):
+    run = tmp_path / "run<b>"
+    shutil.copytree(Path(read_json(full_report / "summary.json")["runs"][0]["run"]), run)
+    forest = read_json(run / "forest" / "summary.json")
+    write_json(run / "forest" / "summary.json", {**forest, "backend": "<script>alert(1)</script>"})
+    report([run], tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "run&lt;b&gt;" in page and "run<b>" not in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (Debian: apt-get install -y chromium)")
+def test_report_opens_in_headless_chromium(full_report, tmp_path):
+    screenshot = full_report / "screenshot.png"
+    result = browser_check(full_report / "index.html", tmp_path, screenshot)
+    assert result["images"] == 7 and result["loaded"] == 7
+    assert result["tables"] == (full_report / "index.html").read_text().count("<table>") == 10
+    shot = Image.open(screenshot)
+    assert shot.size == (1280, 2000)
+    assert len(np.unique(np.asarray(shot.convert("L")))) > 20  # a rendered page, not a blank one
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (Debian: apt-get install -y chromium)")
+def test_browser_check_sees_a_broken_image(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,bm90IGEgcG5n">'
+                    '<img src="https://example.com/a.png"><table><tr><td>1</td></tr></table></body></html>')
+    assert browser_check(page, tmp_path) == {"images": 2, "loaded": 0, "tables": 1}

@@ -1,0 +1,216 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ray.exceptions import WorkerCrashedError
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score
+
+from catdog.config import ClassifierSpec, SweepConfig, load_config, save_config
+from catdog.errors import CatdogError
+from catdog.sweep import (build_estimator, fit_cell, read_results, run_sweep, sweep_cells, write_results)
+from conftest import REPO
+from synthetic_store import write_rankings, write_store
+
+DIM, INFORMATIVE = 16, 3
+CLASSIFIERS = ("sweep.classifiers={rf: {estimator: RandomForestClassifier, params: {n_estimators: 8, random_state: 0}},"
+               " lr: {estimator: LogisticRegression, params: {max_iter: 200}}}")
+
+
+def split_arrays(n: int, seed: int) -> dict:
+    """Noise features, except feature 3, which is the label plus a little noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    features = rng.normal(size=(n, DIM)).astype(np.float32)
+    features[:, INFORMATIVE] = 2 * labels + 0.3 * rng.normal(size=n)
+    return {"features": features, "labels": labels, "paths": np.array([f"x/{i}.jpg" for i in range(n)], dtype=object)}
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory) -> Path:
+    """A run directory with a 3-shard train split, test and val, a forest ranking and a small sweep config."""
+    run = tmp_path_factory.mktemp("sweep") / "run"
+    splits = {"train": split_arrays(60, 0), "test": split_arrays(30, 1), "val": split_arrays(30, 2)}
+    write_store(run / "features", splits, ["cat", "dog"], shard_size=25)
+    order = [INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE]
+    write_rankings(run / "forest", order, {"cat": order, "dog": order[::-1]})
+    save_config(load_config(None, ["sweep.ks=[1, 4, all]", CLASSIFIERS]), run / "config.yaml")
+    return run
+
+
+def copy_run(sweep_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(sweep_run, tmp_path / "run"))
+
+
+def data_of(run: Path) -> dict:
+    from catdog.store import FeatureStore
+
+    store = FeatureStore(run / "features")
+    return {split: (store.features(split), store.labels(split)) for split in ("train", "test", "val")}
+
+
+def expected_accuracies(run: Path) -> dict:
+    """Each cell fitted serially, in this process: (k, classifier) -> (test, val)."""
+    cfg = load_config(run / "config.yaml")
+    data, order = data_of(run), np.array([INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE])
+    out = {}
+    for cell in sweep_cells(cfg.sweep, DIM):
+        result = fit_cell(data, order[:cell.n_features], build_estimator(cell.spec))
+        out[(str(cell.k), cell.classifier)] = (result["test_accuracy"], result["val_accuracy"])
+    return out
+
+
+def accuracies(rows: list[dict]) -> dict:
+    return {(row["k"], row["classifier"]): (float(row["test_accuracy"]), float(row["val_accuracy"])) for row in rows}
+
+
+def test_fit_cell_uses_only_the_chosen_features(sweep_run):
+    data = data_of(sweep_run)
+    informative = fit_cell(data, np.array([INFORMATIVE]), LogisticRegression())
+    noise = fit_cell(data, np.array([0, 1]), LogisticRegression())
+    assert informative["test_accuracy"] == informative["val_accuracy"] == 1.0
+    assert noise["test_accuracy"] < 0.8
+    assert informative["fit_seconds"] > 0
+
+    columns = np.array([5, INFORMATIVE, 9])
+    forest = RandomForestClassifier(n_estimators=8, random_state=0)
+    direct = forest.fit(data["train"][0][:, columns], data["train"][1])
+    x_val, y_val = data["val"]
+    assert fit_cell(data, columns, forest)["val_accuracy"] == accuracy_score(y_val, direct.predict(x_val[:, columns]))
+
+
+def test_estimators_are_resolved_by_name_with_clear_errors():
+    assert isinstance(build_estimator(ClassifierSpec(estimator="SVC", params={"C": 2.0})).C, float)
+    with pytest.raises(CatdogError, match="'RandomForrestClassifier' is not a scikit-learn classifier"):
+        build_estimator(ClassifierSpec(estimator="RandomForrestClassifier"))
+    with pytest.raises(CatdogError, match="bad params for LogisticRegression"):
+        build_estimator(ClassifierSpec(estimator="LogisticRegression", params={"trees": 3}))
+
+
+def test_grid_caps_k_at_the_feature_count():
+    cfg = SweepConfig(ks=[2, 50, "all"], classifiers={"lr": ClassifierSpec(estimator="LogisticRegression")})
+    assert [(c.k, c.n_features) for c in sweep_cells(cfg, DIM)] == [(2, 2), (50, DIM), ("all", DIM)]
+
+
+def test_sweep_writes_every_cell_and_a_rerun_computes_only_missing_ones(ray_local, sweep_run, tmp_path):
+    run = copy_run(sweep_run, tmp_path)
+    cfg = load_config(run / "config.yaml")
+    rows = run_sweep(run, cfg)
+    assert accuracies(rows) == expected_accuracies(run)
+    assert [row["n_features"] for row in rows] == ["1", "4", str(DIM)] * 2
+    assert (run / "sweep" / "accuracy_vs_k.png").stat().st_size > 10_000
+    assert load_config(run / "sweep" / "config.yaml") == cfg
+
+    results = run / "sweep" / "results.csv"
+    write_results(results, [row for row in rows if (row["k"], row["classifier"]) not in {("4", "rf"), ("all", "lr")}])
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    def counting_fit(data, feature_idx, estimator):
+        (calls / f"{type(estimator).__name__}-{len(feature_idx)}").touch()
+        return fit_cell(data, feature_idx, estimator)
+
+    again = run_sweep(run, cfg, fit=counting_fit)
+    assert sorted(p.name for p in calls.iterdir()) == ["LogisticRegression-16", "RandomForestClassifier-4"]
+    assert accuracies(again) == accuracies(rows)
+    assert accuracies(read_results(results)) == accuracies(rows)
+
+
+def test_sweep_survives_a_killed_worker(ray_local, sweep_run, tmp_path):
+    """The first task to start kills its own worker; Ray reruns it. Without retries the sweep fails,
+    keeps the cells that finished, and a rerun completes it."""
+    run = copy_run(sweep_run, tmp_path)
+    marker = tmp_path / "killed"
+
+    def die_once(data, feature_idx, estimator):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return fit_cell(data, feature_idx, estimator)
+        os._exit(1)
+
+    rows = run_sweep(run, load_config(run / "config.yaml"), fit=die_once)
+    assert marker.exists()
+    assert accuracies(rows) == expected_accuracies(run)
+
+    shutil.rmtree(run / "sweep")
+    marker.unlink()
+    no_retries = load_config(run / "config.yaml", ["sweep.max_retries=0"])
+    with pytest.raises(WorkerCrashedError):
+        run_sweep(run, no_retries, fit=die_once)
+    assert len(read_results(run / "sweep" / "results.csv")) < 6
+    assert accuracies(run_sweep(run, no_retries)) == expected_accuracies(run)
+
+
+def test_missing_forest_is_a_clear_error(sweep_run, tmp_path):
+    run = copy_run(sweep_run, tmp_path)
+    shutil.rmtree(run / "forest")
+    with pytest.raises(CatdogError, match="run jobs/forest.py"):
+        run_sweep(run, load_config(run / "config.yaml"))
+
+
+def test_cluster_config_is_a_valid_ray_cluster_yaml():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((REPO / "configs" / "ray-cluster.yaml").read_text()))
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_sweep_runs_as_a_job_on_a_started_head(sweep_run, tmp_path):
+    """``ray start --head`` on 127.0.0.1 (token authentication on), ``ray job submit`` of jobs/sweep.py."""
+    run = copy_run(sweep_run, tmp_path)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    gcs, dashboard, client, agent = free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    address = f"http://127.0.0.1:{dashboard}"
+    with open(tmp_path / "head.log", "w") as log:
+        head = subprocess.Popen(
+            [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             f"--temp-dir={temp_dir}"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()
+            assert time.monotonic() < deadline, "the head's dashboard did not come up"
+            time.sleep(2)
+        job = subprocess.run([ray_cli, "job", "submit", "--address", address, "--",
+                              sys.executable, str(REPO / "jobs" / "sweep.py"), "--run", str(run)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert "succeeded" in job.stdout
+        assert f":{gcs}: 1 node(s), 2 CPU(s)" in job.stdout, job.stdout  # the job's driver joined this head
+        assert accuracies(read_results(run / "sweep" / "results.csv")) == expected_accuracies(run)
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
