@@ -26,7 +26,8 @@ import numpy as np
 import psutil
 
 from catdog.cluster import ray_session
-from catdog.store import FeatureStore, ShardInfo, ShardWriter, file_sha256, shard_name, write_manifest
+from catdog.io import file_sha256
+from catdog.store import FeatureStore, ShardInfo, ShardWriter, shard_name, write_manifest
 from catdog.topact import search_top_activations
 
 FEATURES, TOP = 10, 100

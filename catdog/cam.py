@@ -32,7 +32,7 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_path, read_json, write_json
 from catdog.models import Network, get_spec
 from catdog.run import RunDir
-from catdog.store import file_sha256
+from catdog.io import file_sha256
 
 log = logging.getLogger(__name__)
 

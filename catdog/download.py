@@ -1,7 +1,6 @@
 """Resumable, verified download of a file over HTTP(S) (the PetImages archive for users who are online)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -10,17 +9,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from catdog.errors import CatdogError
+from catdog.io import file_sha256
 
 PETIMAGES_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
                  "kagglecatsanddogs_5340.zip")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size: int | None = None,
@@ -31,7 +24,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
     its ``sha256`` match. A finished ``dest`` that verifies is not downloaded again.
     """
     dest = Path(dest)
-    if dest.exists() and (sha256 is None or _sha256(dest) == sha256) and (size is None or dest.stat().st_size == size):
+    if dest.exists() and (sha256 is None or file_sha256(dest) == sha256) and (size is None or dest.stat().st_size == size):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -62,7 +55,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
     got = part.stat().st_size
     if size is not None and got != size:
         raise CatdogError(f"download {url}: got {got} bytes, expected {size}; run again to resume")
-    if sha256 is not None and _sha256(part) != sha256:
+    if sha256 is not None and file_sha256(part) != sha256:
         part.unlink()
         raise CatdogError(f"download {url}: checksum mismatch (expected sha256 {sha256}); the partial file was removed")
     os.replace(part, dest)

@@ -34,8 +34,9 @@ from catdog.data import ImageDataset, find_classes, open_split
 from catdog.devices import resolve_mixed_precision, use_cpu_cores
 from catdog.errors import CatdogError
 from catdog.models import Network
+from catdog.io import file_sha256
 from catdog.run import RunDir
-from catdog.store import MANIFEST, ShardInfo, ShardWriter, file_sha256, shard_name, write_manifest
+from catdog.store import MANIFEST, ShardInfo, ShardWriter, shard_name, write_manifest
 
 SHARD_FILE = re.compile(r"^[^.].*-\d{4}\.h5$")
 TEMP_FILE = re.compile(r"^\..*\.tmp-\d+$")

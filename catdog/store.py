@@ -13,7 +13,6 @@ renamed when complete, so a file with a final name is always whole.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ import h5py
 import numpy as np
 
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, read_json, write_json
+from catdog.io import atomic_path, file_sha256, read_json, write_json
 
 MANIFEST = "manifest.json"
 
@@ -32,13 +31,6 @@ MANIFEST = "manifest.json"
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:04d}.h5"
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:

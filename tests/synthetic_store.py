@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from catdog.forest import per_class_csv, ranking_csv
-from catdog.store import ShardInfo, ShardWriter, file_sha256, shard_name, write_manifest
+from catdog.io import file_sha256
+from catdog.store import ShardInfo, ShardWriter, shard_name, write_manifest
 
 
 def write_store(folder: Path, splits: dict[str, dict], classes: list[str], shard_size: int,

@@ -21,7 +21,8 @@ from catdog.errors import CatdogError
 from catdog import models
 from catdog.extract import attr_conflict, batch_plan, deal, extract, fold_batchnorm, plan_shards
 from catdog.run import RunDir
-from catdog.store import MANIFEST, FeatureStore, file_sha256, read_shard
+from catdog.io import file_sha256
+from catdog.store import MANIFEST, FeatureStore, read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "test", "val")

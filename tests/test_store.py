@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from catdog.errors import CatdogError
-from catdog.store import MANIFEST, FeatureStore, ShardInfo, ShardWriter, file_sha256, shard_name, write_manifest
+from catdog.io import file_sha256
+from catdog.store import MANIFEST, FeatureStore, ShardInfo, ShardWriter, shard_name, write_manifest
 
 CLASSES = ["cat", "dog"]
 
