@@ -33,8 +33,8 @@ from catdog.config import Config, ExtractConfig, save_config
 from catdog.data import ImageDataset, find_classes, open_split
 from catdog.devices import resolve_mixed_precision, use_cpu_cores
 from catdog.errors import CatdogError
-from catdog.models import Network
 from catdog.io import file_sha256
+from catdog.models import Network
 from catdog.run import RunDir
 from catdog.store import MANIFEST, ShardInfo, ShardWriter, shard_name, write_manifest
 
