@@ -29,10 +29,9 @@ from tqdm import tqdm
 from catdog.config import Config, DataConfig, GradcamConfig, save_config
 from catdog.data import ImageDataset, find_classes, load_rgb, open_split
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, read_json, write_json
+from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.models import Network, get_spec
 from catdog.run import RunDir
-from catdog.io import file_sha256
 
 log = logging.getLogger(__name__)
 
