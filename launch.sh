@@ -4,16 +4,18 @@
 # Stages whose outputs are complete are skipped, so running it again after a kill resumes where it stopped.
 #
 #   ./launch.sh [--data DIR] [--models NAME[,NAME...]] [--out DIR] [--source DIR] [--processes N]
+#               [--set section.key=value ...]
 #
 #   --data       data root with {train,test,val}/<class>/ (default data/cats_vs_dogs; prepared when absent)
 #   --source     a PetImages or Kaggle folder to prepare --data from (default: download PetImages when online)
 #   --models     default resnet101,convnext_tiny when their ImageNet weights can be had, else efficientnet_lite0
 #   --out        where run directories, Grad-CAM and the report go (default runs)
 #   --processes  accelerate processes for training and extraction (default: one per GPU, or 1 on the CPU)
+#   --set        a config override passed to every job, e.g. --set optim.epochs=1 (repeatable)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DATA=data/cats_vs_dogs OUT=runs MODELS="" SOURCE="" PROCESSES=""
+DATA=data/cats_vs_dogs OUT=runs MODELS="" SOURCE="" PROCESSES="" SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
@@ -21,7 +23,8 @@ while [ $# -gt 0 ]; do
     --models) MODELS=$2; shift 2 ;;
     --source) SOURCE=$2; shift 2 ;;
     --processes) PROCESSES=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --set) SETS+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -29,7 +32,8 @@ done
 source tools/setup.sh
 stage() { printf '\n== %s\n' "$*"; }
 skip() { printf '== %s: complete, skipping (%s exists)\n' "$1" "$2"; }
-RAN=0
+# done_stage RUN STAGE: true when the stage's last output exists (catdog.run.RunDir owns the file names).
+done_stage() { MARKER=$(python -m catdog.run "$1" "$2"); }
 
 stage "data: $DATA"
 if [ -d "$DATA/train" ]; then
@@ -65,44 +69,38 @@ for model in "${MODEL_LIST[@]}"; do
   run="$OUT/$model"
   RUNS+=("$run")
   stage "train $model -> $run"
-  if [ -f "$run/summary.json" ]; then
-    skip train "$run/summary.json"
-  elif [ -f "$run/last.pt" ]; then
-    "${LAUNCH[@]}" jobs/train.py --out "$run" --data "$DATA" --resume; RAN=1
+  if done_stage "$run" train; then
+    skip train "$MARKER"
+  elif done_stage "$run" resume; then
+    "${LAUNCH[@]}" jobs/train.py --out "$run" --data "$DATA" --resume ${SETS[@]+"${SETS[@]}"}
   else
-    "${LAUNCH[@]}" jobs/train.py --config "configs/$model.yaml" --data "$DATA" --out "$run"; RAN=1
+    "${LAUNCH[@]}" jobs/train.py --config "configs/$model.yaml" --data "$DATA" --out "$run" ${SETS[@]+"${SETS[@]}"}
   fi
 done
 
 stage "gradcam ${MODEL_LIST[*]} -> $OUT/gradcam"
-if [ -f "$OUT/gradcam/summary.json" ] && python -c "
-import json, sys; s = json.load(open('$OUT/gradcam/summary.json'))
-sys.exit(0 if sorted(m['model'] for m in s['models']) == sorted(sys.argv[1:]) else 1)" "${MODEL_LIST[@]}"; then
-  skip gradcam "$OUT/gradcam/summary.json"
+if MARKER=$(python -m catdog.cam "$OUT" "${RUNS[@]}"); then
+  skip gradcam "$MARKER"
 else
-  python jobs/gradcam.py --runs "${RUNS[@]}" --data "$DATA" --out "$OUT"; RAN=1
+  python jobs/gradcam.py ${SETS[@]+"${SETS[@]}"} --runs "${RUNS[@]}" --data "$DATA" --out "$OUT"
 fi
 
 for run in "${RUNS[@]}"; do
   stage "extract $run"
-  if [ -f "$run/features/manifest.json" ]; then skip extract "$run/features/manifest.json"
-  else "${LAUNCH[@]}" jobs/extract.py --run "$run" --data "$DATA"; RAN=1; fi
+  if done_stage "$run" extract; then skip extract "$MARKER"
+  else "${LAUNCH[@]}" jobs/extract.py --run "$run" --data "$DATA" ${SETS[@]+"${SETS[@]}"}; fi
   stage "forest $run"
-  if [ -f "$run/forest/summary.json" ]; then skip forest "$run/forest/summary.json"
-  else python jobs/forest.py --run "$run"; RAN=1; fi
+  if done_stage "$run" forest; then skip forest "$MARKER"
+  else python jobs/forest.py --run "$run" ${SETS[@]+"${SETS[@]}"}; fi
   stage "sweep $run"
-  if [ -f "$run/sweep/accuracy_vs_k.png" ]; then skip sweep "$run/sweep/accuracy_vs_k.png"
-  else python jobs/sweep.py --run "$run"; RAN=1; fi
+  if done_stage "$run" sweep; then skip sweep "$MARKER"
+  else python jobs/sweep.py --run "$run" ${SETS[@]+"${SETS[@]}"}; fi
   stage "topact $run"
-  if [ -f "$run/topact/index.json" ]; then skip topact "$run/topact/index.json"
-  else python jobs/topact.py --run "$run" --data "$DATA"; RAN=1; fi
+  if done_stage "$run" topact; then skip topact "$MARKER"
+  else python jobs/topact.py --run "$run" --data "$DATA" ${SETS[@]+"${SETS[@]}"}; fi
 done
 
-stage "report -> $OUT/report"
-if [ "$RAN" = 0 ] && [ -f "$OUT/report/index.html" ]; then
-  skip report "$OUT/report/index.html"
-else
-  python jobs/report.py --runs "${RUNS[@]}" --gradcam "$OUT/gradcam" --out "$OUT/report"
-fi
+stage "report -> $OUT/report"   # always rewritten: it shows every stage as it is now
+python jobs/report.py --runs "${RUNS[@]}" --gradcam "$OUT/gradcam" --out "$OUT/report"
 echo
 echo "done: open $OUT/report/index.html"

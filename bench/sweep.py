@@ -52,19 +52,19 @@ def main() -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     args = p.parse_args()
     run = RunDir(args.run)
-    cfg = config_from(args, fallback=str(run.config_path))
-    store = FeatureStore(run.stage("features"))
+    config = config_from(args, fallback=str(run.config_path))
+    store = FeatureStore(run.features_dir)
     data = load_split_data(store)
-    order = read_ranking(run.stage("forest"), cfg.sweep.ranking, store.feature_dim)
-    estimators = {name: build_estimator(spec) for name, spec in cfg.sweep.classifiers.items()}
-    cells = sweep_cells(cfg.sweep, store.feature_dim)
-    print(f"{len(cells)} cells: k in {cfg.sweep.ks} x {list(estimators)}; train/test/val "
+    order = read_ranking(run, config.sweep.ranking, store.feature_dim)
+    estimators = {name: build_estimator(spec) for name, spec in config.sweep.classifiers.items()}
+    cells = sweep_cells(config.sweep, store.feature_dim)
+    print(f"{len(cells)} cells: k in {config.sweep.ks} x {list(estimators)}; train/test/val "
           f"{len(data['train'][1])}/{len(data['test'][1])}/{len(data['val'][1])} rows, {store.feature_dim} features")
     for name, estimator in estimators.items():
         print(f"  {name}: {estimator!r} (n_jobs={getattr(estimator, 'n_jobs', 'n/a')})")
 
     start = time.perf_counter()
-    serial = seed_loop(data, order, cfg.sweep.ks, estimators)
+    serial = seed_loop(data, order, config.sweep.ks, estimators)
     serial_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> None:
         warm_up_seconds = time.perf_counter() - start
         start = time.perf_counter()
         parallel = {(str(cell.k), cell.classifier): (result["test_accuracy"], result["val_accuracy"])
-                    for cell, result in compute_cells(data, order, cells, cfg.sweep.max_retries)}
+                    for cell, result in compute_cells(data, order, cells, config.sweep.max_retries)}
         ray_seconds = time.perf_counter() - start
 
     print(f"\n{'k':>6} {'classifier':>10} {'serial test':>12} {'ray test':>9} {'serial val':>11} {'ray val':>8}")

@@ -26,7 +26,6 @@ import numpy as np
 import psutil
 
 from catdog.cluster import ray_session
-from catdog.io import file_sha256
 from catdog.store import FeatureStore, ShardInfo, ShardWriter, shard_name, write_manifest
 from catdog.topact import search_top_activations
 
@@ -43,7 +42,7 @@ def build_store(folder: Path, rows: int, dim: int, shard_size: int, seed: int = 
         with ShardWriter(path, count, dim, None, {"split": "train"}) as writer:
             writer.write(rng.random((count, dim), dtype=np.float32), rng.integers(0, 2, count),
                          np.arange(first, first + count), [f"train/x/{i}.jpg" for i in range(first, first + count)])
-        shards.append(ShardInfo(path.name, "train", first, count, file_sha256(path)))
+        shards.append(ShardInfo.of_file(path, "train", first, count))
     write_manifest(folder, {"classes": ["cat", "dog"], "feature_dim": dim, "spatial_shape": None,
                             "shard_size": shard_size, "image_size": 224}, shards)
     return folder

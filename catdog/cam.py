@@ -31,6 +31,7 @@ from catdog.data import ImageDataset, find_classes, load_rgb, open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.models import Network, get_spec
+from catdog.progress import progress_bar
 from catdog.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,20 @@ REMOVAL = "set to the normalisation mean (0 after normalisation)"
 RANDOM_BASELINE = "uniform noise at the CAM layer's resolution, upsampled like a CAM, its highest pixels removed"
 DISPLAY_SIZE = 224
 """Side of each square grid cell, in pixels (photos are squashed to a square like the eval transform)."""
+
+
+def stage_dir(out: str | os.PathLike) -> Path:
+    """Where ``jobs/gradcam.py --out OUT`` writes: ``OUT/gradcam``."""
+    return Path(out) / "gradcam"
+
+
+def completed_summary(out: str | os.PathLike, run_paths: list[str | os.PathLike]) -> Path | None:
+    """``OUT/gradcam/summary.json`` when it exists and covers exactly these runs, else None."""
+    path = stage_dir(out) / "summary.json"
+    if not path.is_file():
+        return None
+    covered = sorted(Path(model["run"]).resolve() for model in read_json(path)["models"])
+    return path if covered == sorted(Path(run).resolve() for run in run_paths) else None
 
 
 def sample_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
@@ -107,16 +122,6 @@ def faithfulness(before: np.ndarray, after_salient: np.ndarray, after_random: np
         "mean_confidence": float(before.mean()),
         "n_images": int(before.size),
     }
-
-
-def check_config(cfg: GradcamConfig) -> None:
-    if not 0 < cfg.removal_fraction < 1:
-        raise CatdogError(f"gradcam.removal_fraction: {cfg.removal_fraction} must lie strictly between 0 and 1")
-    for field in ("images_per_class", "faithfulness_images", "batch_size"):
-        if getattr(cfg, field) < 1:
-            raise CatdogError(f"gradcam.{field}: {getattr(cfg, field)} must be at least 1")
-    if not cfg.methods:
-        raise CatdogError(f"gradcam.methods: empty; name at least one of {', '.join(METHODS)}")
 
 
 def layer_grid(network: Network, image_size: int) -> tuple[int, int]:
@@ -193,7 +198,7 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
 def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: list[int], faith_rows: list[int],
              cfg: GradcamConfig, data: DataConfig, desc: str) -> tuple[dict, np.ndarray]:
     """One model and method: the grid's maps and predictions, and the faithfulness score."""
-    with tqdm(total=len(grid_rows) + len(faith_rows), desc=desc, unit="img") as bar:
+    with progress_bar(total=len(grid_rows) + len(faith_rows), desc=desc, unit="img") as bar:
         maps, grid_predictions = _grid(network, method, dataset, grid_rows, cfg, data, bar)
         result = _faithfulness(network, method, dataset, faith_rows, cfg, data, bar)
     return {**result, "grid_predictions": grid_predictions}, maps
@@ -251,13 +256,11 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
             config: Config) -> dict:
     """Explain every run's model on the same val images; write ``OUT/gradcam/{grid.png,summary.json}``."""
     cfg = config.gradcam
-    check_config(cfg)
-    data_root, stage = Path(data_root), Path(out) / "gradcam"
+    data_root, stage = Path(data_root), stage_dir(out)
     runs = [RunDir(p) for p in run_paths]
     classes = find_classes(data_root)
     for run in runs:
         _run_classes(run, classes, data_root)
-    save_config(config, stage / "config.yaml")
     reference = open_split(data_root, "val", config.data, classes=classes)
     grid_rows = sample_per_class(reference.labels, cfg.images_per_class, cfg.seed)
     faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
@@ -310,5 +313,14 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         "faithfulness_images": [reference.relative_path(i) for i in faith_rows],
         "models": models,
     }
-    write_json(stage / "summary.json", summary)
+    save_config(config, stage / "config.yaml")
+    write_json(stage / "summary.json", summary)  # last: marks the stage complete
     return summary
+
+
+if __name__ == "__main__":  # python -m catdog.cam OUT RUN...: exit 0 when OUT's Grad-CAM covers these runs
+    import sys
+
+    done = completed_summary(sys.argv[1], sys.argv[2:])
+    print(done or stage_dir(sys.argv[1]) / "summary.json")
+    sys.exit(0 if done else 1)

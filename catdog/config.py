@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      PlainValidator, ValidationError, field_validator)
 
 from catdog.errors import CatdogError
 from catdog.io import write_text
@@ -21,6 +22,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
+"""Mixed precision; ``auto`` picks by hardware (``catdog.devices``). YAML reads a bare ``no`` as false: accepted."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -29,68 +34,78 @@ class ModelConfig(Section):
     name: str = "efficientnet_lite0"
     pretrained: str = "imagenet"
     """``imagenet`` (the hub, or the bundled file where one exists), ``none``, or a path to a weights file."""
-    drop_rate: Optional[float] = None
-    freeze_stages: int = 0
+    drop_rate: Optional[float] = Field(None, ge=0, lt=1)
+    freeze_stages: NonNegativeInt = 0
     """Freeze the stem and the next stages, this many in all (see each model's ``stages``); 0 trains everything."""
 
 
 class DataConfig(Section):
-    image_size: int = 224
+    image_size: PositiveInt = 224
     hflip: bool = True
-    rotation: float = 10.0
+    rotation: float = Field(10.0, ge=0, le=180)
+    """Maximum random rotation in degrees (0 turns it off)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 2
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 64
+    num_workers: NonNegativeInt = 2
 
 
 class OptimConfig(Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    epochs: int = 5
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
+    epochs: PositiveInt = 5
     schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    warmup_epochs: NonNegativeFloat = 0.0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainConfig(Section):
     seed: int = 42
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Precision = "auto"
     channels_last: bool = True
     cpu: bool = False
     """Run on the CPU even where a GPU is present."""
-    cpu_threads: Optional[int] = None
+    cpu_threads: Optional[PositiveInt] = None
     """Torch threads per process on the CPU; ``None`` shares the cores among the local processes
     (``accelerate launch`` itself sets OMP_NUM_THREADS=1, which would leave cores idle)."""
-    max_train_batches: Optional[int] = None
+    max_train_batches: Optional[PositiveInt] = None
     """Stop each epoch after this many batches (smoke tests); ``None`` trains on everything."""
 
 
 class ExtractConfig(Section):
-    splits: list[str] = ["train", "test", "val"]
-    batch_size: int = 64
-    num_workers: int = 2
-    shard_size: int = 1000
+    splits: list[str] = Field(list(SPLITS), min_length=1)
+    batch_size: PositiveInt = 64
+    num_workers: NonNegativeInt = 2
+    shard_size: PositiveInt = 1000
     """Images per HDF5 shard."""
+
     spatial: bool = True
     """Store each image's last spatial feature map (float16) beside its pooled features."""
     compression: Optional[Literal["lzf", "gzip"]] = "lzf"
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Precision = "auto"
     channels_last: bool = True
     fold_batchnorm: bool = True
     """Fold each BatchNorm into the convolution before it (exact in eval mode; about 1.5x faster on a CPU)."""
     cpu: bool = False
     """Run on the CPU even where a GPU is present."""
 
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, splits: list[str]) -> list[str]:
+        if len(set(splits)) != len(splits):
+            raise ValueError("list each split once, e.g. [train, test, val]")
+        return splits
+
 
 class ForestConfig(Section):
     backend: Literal["auto", "sklearn", "cuml"] = "auto"
-    n_estimators: int = 100
+    n_estimators: PositiveInt = 100
     random_state: int = 42
-    max_depth: Optional[int] = None
+    max_depth: Optional[PositiveInt] = None
     n_jobs: int = -1
+    """scikit-learn's convention: -1 uses every core."""
 
 
 class ClassifierSpec(Section):
@@ -99,12 +114,18 @@ class ClassifierSpec(Section):
     params: dict = {}
 
 
+def _top_k(value):
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError("each k is a positive number of features or 'all'")
+
+
 class SweepConfig(Section):
-    ks: list[Union[PositiveInt, Literal["all"]]] = [10, 100, 500, 1000, "all"]
-    classifiers: dict[str, ClassifierSpec] = {
+    ks: list[Annotated[Union[int, str], PlainValidator(_top_k)]] = Field([10, 100, 500, 1000, "all"], min_length=1)
+    classifiers: dict[str, ClassifierSpec] = Field(min_length=1, default={
         "rf": ClassifierSpec(estimator="RandomForestClassifier", params={"n_estimators": 100, "random_state": 42}),
         "lr": ClassifierSpec(estimator="LogisticRegression", params={"max_iter": 1000, "random_state": 42}),
-    }
+    })
     """Name -> scikit-learn estimator class name and its parameters (one line per name in the plot)."""
     ranking: str = "global"
     """``global`` (the forest's importances) or a class name (that class's per-class ranking)."""
@@ -120,24 +141,34 @@ class TopactConfig(Section):
     selectivity_top: PositiveInt = 100
     """Class shares are reported among each feature's top this-many images."""
     split: str = "train"
-    overlay_alpha: float = 0.5
+    overlay_alpha: float = Field(0.5, ge=0, le=1)
     colormap: str = "jet"
+    """A matplotlib colormap name."""
+
+    @field_validator("colormap")
+    @classmethod
+    def _known_colormap(cls, name: str) -> str:
+        import matplotlib
+
+        if name not in matplotlib.colormaps:
+            raise ValueError(f"{name!r} is not a matplotlib colormap (e.g. jet, viridis)")
+        return name
 
 
 class GradcamConfig(Section):
     methods: list[Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam",
-                          "scorecam"]] = ["gradcam"]
+                          "scorecam"]] = Field(["gradcam"], min_length=1)
     """grad-cam methods to compare (scorecam runs one forward pass per channel: hours on a CPU)."""
     target: Literal["true", "predicted"] = "true"
     """Explain each image's true class, or the class the model predicts."""
-    images_per_class: int = 3
+    images_per_class: PositiveInt = 3
     """Val images per class in the grid: one seeded sample, the same for every model."""
-    faithfulness_images: int = 200
+    faithfulness_images: PositiveInt = 200
     """Seeded val sample over which the confidence drops are averaged."""
-    removal_fraction: float = 0.2
+    removal_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of pixels removed (set to the normalisation mean) for the faithfulness score."""
     seed: int = 0
-    batch_size: int = 8
+    batch_size: PositiveInt = 8
 
 
 class Config(Section):
@@ -190,7 +221,8 @@ def _describe(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown key")
         else:
-            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message} (got {item.get('input')!r})")
     return f"config {source}: " + "; ".join(problems)
 
 
@@ -209,6 +241,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(tree, dict):
             raise CatdogError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
     tree = _merge(tree, parse_overrides(overrides or []))
+    if overrides:
+        source += " + overrides"
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

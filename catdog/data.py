@@ -11,10 +11,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from catdog.config import DataConfig
+from catdog.config import SPLITS, DataConfig
 from catdog.errors import CatdogError
 
-SPLITS = ("train", "test", "val")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # A truncated JPEG decodes with its missing rows filled in rather than stopping an epoch.
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def find_classes(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> list[str]:
-    """Class names (sorted folder names), checked to be the same, and non-empty, in every split."""
+    """Class names (sorted folder names), checked to be at least two and the same in every split."""
     root = Path(root)
     if not root.is_dir():
         raise CatdogError(f"data root {root}: no such directory (expected {root}/{{train,test,val}}/<class>/*.jpg; "
@@ -34,8 +33,9 @@ def find_classes(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> l
         if not split_dir.is_dir():
             raise CatdogError(f"data root {root}: missing split folder {split_dir}")
         classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise CatdogError(f"split {split_dir}: no class folders (expected one folder per class)")
+        if len(classes) < 2:
+            raise CatdogError(f"split {split_dir}: {len(classes)} class folder(s) {classes}; a classifier needs at "
+                              "least two: make one folder per class in every split")
         per_split[split] = classes
     first, reference = next(iter(per_split.items()))
     for split, classes in per_split.items():
@@ -61,22 +61,30 @@ def _readable(path: Path) -> bool:
 
 
 def list_samples(root: str | os.PathLike, split: str, classes: list[str]) -> list[Sample]:
-    """All images of a split, sorted by class then file name; unreadable files are skipped with a warning."""
+    """All images of a split, sorted by class then file name; unreadable files are skipped with a warning.
+
+    Every class needs at least one readable image in every split: an empty class would train a head that
+    never sees it, or make an accuracy that means nothing.
+    """
     root = Path(root)
     samples, skipped = [], []
     for label, name in enumerate(classes):
         class_dir = root / split / name
         if not class_dir.is_dir():
             raise CatdogError(f"split {root / split}: missing class folder {class_dir}")
+        found = 0
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            (samples if _readable(path) else skipped).append(Sample(path, label))
+            readable = _readable(path)
+            (samples if readable else skipped).append(Sample(path, label))
+            found += readable
+        if not found:
+            raise CatdogError(f"class folder {class_dir}: no readable images (suffixes {sorted(IMAGE_SUFFIXES)}); "
+                              f"add images of {name!r} to {split}, or remove the class from every split")
     if skipped:
         log.warning("%s: skipped %d unreadable file(s), e.g. %s (jobs/prepare.py quarantines these)",
                     root / split, len(skipped), skipped[0].path)
-    if not samples:
-        raise CatdogError(f"split {root / split}: no readable images in {classes}")
     return samples
 
 

@@ -5,6 +5,15 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, precision: str) -> torch.autocast:
+    """Autocast for a resolved precision (``no``, ``bf16``, ``fp16``) outside Accelerate's own loop."""
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
 
 
 def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
@@ -27,3 +36,17 @@ def use_cpu_cores(accelerator: Accelerator, threads: int | None = None) -> None:
         return
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_processes))
+
+
+def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | None = None) -> tuple[Accelerator, str]:
+    """The job's ``Accelerator`` (the CPU when asked or when there is no GPU) and the precision it resolved to.
+
+    Accelerate keeps one precision per process; the one a job before this one chose (``train`` then
+    ``extract`` in one notebook or test session) is forgotten first. The process group itself stays.
+    """
+    use_cpu = force_cpu or not torch.cuda.is_available()
+    precision = resolve_mixed_precision(precision_setting, use_cpu)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    use_cpu_cores(accelerator, cpu_threads)
+    return accelerator, precision

@@ -1,19 +1,19 @@
-"""Resumable, verified download of a file over HTTP(S) (the PetImages archive for users who are online)."""
+"""Resumable, verified download of a file over HTTP(S), and of the PetImages archive (for users who are online)."""
 from __future__ import annotations
 
 import os
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
 
 from catdog.errors import CatdogError
 from catdog.io import file_sha256
+from catdog.progress import progress_bar
 
 PETIMAGES_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
                  "kagglecatsanddogs_5340.zip")
-
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size: int | None = None,
@@ -46,7 +46,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
                 have = 0
             total = size or (int(response.headers["Content-Length"]) + have if response.headers.get("Content-Length")
                              else None)
-            with open(part, "ab" if resumed else "wb") as out, tqdm(
+            with open(part, "ab" if resumed else "wb") as out, progress_bar(
                     total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
@@ -60,3 +60,18 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
         raise CatdogError(f"download {url}: checksum mismatch (expected sha256 {sha256}); the partial file was removed")
     os.replace(part, dest)
     return dest
+
+
+def fetch_petimages(cache: str | os.PathLike, url: str = PETIMAGES_URL) -> Path:
+    """Download (resumably) and unpack the PetImages archive into ``cache``; returns the PetImages folder."""
+    cache = Path(cache)
+    archive = download(url, cache / Path(url).name)
+    folder = cache / "PetImages"
+    if not folder.is_dir():
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(cache / "unpacking")
+        except zipfile.BadZipFile:
+            raise CatdogError(f"{archive}: not a valid zip archive; delete it and run again") from None
+        (cache / "unpacking" / "PetImages").rename(folder)
+    return folder

@@ -5,45 +5,34 @@ Each image is decoded by DataLoader workers with the eval transform, passed thro
 where it helps) and written batch by batch into its shard, so memory stays flat however large the dataset.
 Under ``accelerate launch`` the missing shards are dealt round-robin to the processes, each writing its own.
 Shards appear under their final name only when complete: a rerun writes only the missing ones, after
-checking that the complete ones come from the same checkpoint, settings and images; the main process then
-writes ``manifest.json``.
+checking that the complete ones come from the same checkpoint, settings and images (a store that does not is
+refused) and are whole (one that fails ``catdog.store.shard_damage`` is rewritten); the main process then
+writes ``manifest.json``. The store's rules (names, attributes, manifest, checks) live in ``catdog.store``;
+BatchNorm folding in ``catdog.models``.
 """
 from __future__ import annotations
 
-import copy
-import json
-import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import ConcatDataset, DataLoader
-from tqdm import tqdm
 
 from catdog.config import Config, ExtractConfig, save_config
 from catdog.data import ImageDataset, find_classes, open_split
-from catdog.devices import resolve_mixed_precision, use_cpu_cores
+from catdog.devices import accelerator_for, autocast
 from catdog.errors import CatdogError
 from catdog.io import file_sha256
-from catdog.models import Network
+from catdog.models import Network, fold_batchnorm
+from catdog.progress import progress_bar
 from catdog.run import RunDir
-from catdog.store import MANIFEST, ShardInfo, ShardWriter, shard_name, write_manifest
+from catdog.store import (MANIFEST, ShardInfo, ShardWriter, check_store, clear_store, manifest_metadata, shard_attrs,
+                          shard_name, store_attrs, write_manifest)
 
-SHARD_FILE = re.compile(r"^[^.].*-\d{4}\.h5$")
-TEMP_FILE = re.compile(r"^\..*\.tmp-\d+$")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PER_RUN_ATTRS = ("split", "first_row", "rows")
-"""Shard attributes that differ between the shards of one store; all others must match."""
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,9 +50,7 @@ class ShardTask:
 
 
 def plan_shards(split_sizes: dict[str, int], shard_size: int) -> list[ShardTask]:
-    """Every shard of every split, in split order then row order."""
-    if shard_size < 1:
-        raise CatdogError(f"extract.shard_size: must be at least 1 (got {shard_size})")
+    """Every shard of every split, in split order then row order (``shard_size`` >= 1: checked by the config)."""
     return [ShardTask(split, index, first, min(shard_size, size - first))
             for split, size in split_sizes.items()
             for index, first in enumerate(range(0, size, shard_size))]
@@ -84,177 +71,23 @@ def batch_plan(tasks: list[ShardTask], offsets: dict[str, int], batch_size: int)
     return batches
 
 
-def attr_conflict(found: dict, expected: dict) -> str | None:
-    """The first store-wide attribute whose value differs, as ``key``, or None when they all agree."""
-    for key, value in expected.items():
-        if key not in PER_RUN_ATTRS and found.get(key) != value:
-            return key
-    return None
-
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _read_attrs(path: Path) -> dict:
-    try:
-        with h5py.File(path, "r") as f:
-            return {key: _plain(value) for key, value in f.attrs.items()}
-    except OSError as exc:
-        raise CatdogError(f"feature store {path.parent}: {path.name} cannot be read as HDF5 ({exc}); "
-                          "delete it or pass --overwrite") from None
-
-
-def _refuse(folder: Path, what: str, key: str, found, expected) -> CatdogError:
-    if key == "checkpoint_sha256":
-        reason = (f"was extracted from another checkpoint (sha256 {str(found)[:12]}..., the run's "
-                  f"best.safetensors is {str(expected)[:12]}...)")
-    else:
-        reason = f"was made with {key}={found!r}, this extraction uses {expected!r}"
-    return CatdogError(f"feature store {folder}: {what} {reason}; pass --overwrite to rebuild the store "
-                       "(or extract into another run directory)")
-
-
-def _old_manifest(folder: Path) -> dict:
-    """The manifest of an earlier extraction; empty when absent or unreadable (it is rewritten at the end)."""
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def check_store(folder: Path, tasks: list[ShardTask], attrs: dict,
-                datasets: dict[str, ImageDataset]) -> set[ShardTask]:
-    """The planned shards already complete in ``folder``; refuses a store made from another checkpoint,
-    other settings or other images, so that shards are never mixed."""
-    manifest = _old_manifest(folder)
-    for key in ("checkpoint_sha256", "model", "transform"):
-        if key in manifest and manifest[key] != attrs[key]:
-            raise _refuse(folder, MANIFEST, key, manifest[key], attrs[key])
-    planned = {task.file: task for task in tasks}
-    complete = set()
-    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
-        if not SHARD_FILE.match(path.name):
-            continue
-        found = _read_attrs(path)
-        key = attr_conflict(found, attrs)
-        if key is not None:
-            raise _refuse(folder, path.name, key, found.get(key), attrs[key])
-        task = planned.get(path.name)
-        if task is None:
-            continue
-        dataset = datasets[task.split]
-        expected = [dataset.relative_path(i) for i in range(task.first_row, task.first_row + task.rows)]
-        with h5py.File(path, "r") as f:
-            stored = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
-        if stored != expected:
-            raise CatdogError(f"feature store {folder}: {path.name} holds other images than rows "
-                              f"{task.first_row}..{task.first_row + task.rows - 1} of split {task.split!r} "
-                              "(did the data change?); pass --overwrite to rebuild the store")
-        complete.add(task)
-    return complete
-
-
-def clear_store(folder: Path, everything: bool) -> None:
-    """Remove temporary files left by a killed extraction; with ``everything``, also the shards and manifest."""
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if TEMP_FILE.match(path.name) or (everything and (SHARD_FILE.match(path.name) or path.name == MANIFEST)):
-            path.unlink()
-
-
-def store_attrs(network: Network, config: Config, checkpoint_sha256: str, transform: str, precision: str,
-                spatial_shape: list[int] | None, classes: list[str]) -> dict:
-    """Attributes every shard of one store shares (``split``/``first_row``/``rows`` are added per shard)."""
-    return {
-        "model": network.name,
-        "checkpoint_sha256": checkpoint_sha256,
-        "layer": f"backbone.{network.spec.cam_layer}",
-        "transform": transform,
-        "image_size": config.data.image_size,
-        "shard_size": config.extract.shard_size,
-        "precision": precision,
-        "classes": json.dumps(classes),
-        "feature_dim": network.feature_dim,
-        "spatial_shape": json.dumps(spatial_shape),
-    }
-
-
-def _manifest_metadata(attrs: dict) -> dict:
-    return {
-        "model": attrs["model"],
-        "checkpoint_sha256": attrs["checkpoint_sha256"],
-        "classes": json.loads(attrs["classes"]),
-        "feature_dim": attrs["feature_dim"],
-        "spatial_shape": json.loads(attrs["spatial_shape"]),
-        "layer": attrs["layer"],
-        "transform": attrs["transform"],
-        "shard_size": attrs["shard_size"],
-        "image_size": attrs["image_size"],
-        "precision": attrs["precision"],
-    }
-
-
-def _conv_batchnorm_pairs(network: Network, probe: torch.Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """(conv, BatchNorm) pairs where, on ``probe``, the BatchNorm's input is the convolution's output tensor."""
-    conv_outputs, pairs = {}, []
-
-    def record(module, inputs, output):
-        if isinstance(module, nn.Conv2d):
-            conv_outputs[id(output)] = (module, output)
-        elif id(inputs[0]) in conv_outputs:
-            pairs.append((conv_outputs[id(inputs[0])][0], module))
-
-    hooks = [m.register_forward_hook(record) for m in network.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    try:
-        with torch.inference_mode():
-            network.spatial(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return pairs
-
-
-def fold_batchnorm(network: Network, probe: torch.Tensor) -> tuple[Network, int]:
-    """A copy of the (eval mode) network with each BatchNorm that follows a convolution folded into its weights,
-    and the number folded. The BatchNorm's activation, if it has one (timm's BatchNormAct2d), stays. Should the
-    copy's spatial maps on ``probe`` differ from the original's, the original is returned, with 0."""
-    folded = copy.deepcopy(network)
-    parents = {child: (parent, name) for parent in folded.modules() for name, child in parent.named_children()}
-    pairs = _conv_batchnorm_pairs(folded, probe)
-    for conv, bn in pairs:
-        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)
-        parent, name = parents[bn]
-        setattr(parent, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
-    with torch.inference_mode():
-        expected, found = network.spatial(probe), folded.spatial(probe)
-    if not torch.allclose(found, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        log.warning("%s: folding BatchNorm changed the spatial maps; extracting without folding", network.name)
-        return network, 0
-    return folded, len(pairs)
-
-
 def _spatial_shape(network: Network, image_size: int, device: torch.device) -> list[int]:
     with torch.inference_mode():
         return list(network.spatial(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
 
 
 def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, verify: bool = False) -> dict:
     """Write (or complete) ``RUN/features/``. Returns what this process did and, on the main process,
-    ``written``: the shard files every process wrote."""
+    ``written``: the shard files every process wrote.
+
+    Shards already there are kept when they pass the store's checks (``catdog.store.check_store``: by default
+    size and header against the earlier manifest, with ``verify`` the full sha256); one that fails is deleted
+    and written again. ``overwrite`` rebuilds everything."""
     cfg = config.extract
-    if not cfg.splits or len(set(cfg.splits)) != len(cfg.splits):
-        raise CatdogError(f"extract.splits: give one or more distinct split names, e.g. [train, test, val] "
-                          f"(got {cfg.splits})")
     run = RunDir(run_dir)
-    folder = run.stage("features")
-    use_cpu = cfg.cpu or not torch.cuda.is_available()
-    precision = resolve_mixed_precision(cfg.mixed_precision, use_cpu)
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
-    use_cpu_cores(accelerator)
+    folder = run.features_dir
+    accelerator, precision = accelerator_for(cfg.mixed_precision, cfg.cpu)
 
     network, classes = run.load_model()
     checkpoint_sha256 = file_sha256(run.best_checkpoint)
@@ -273,17 +106,30 @@ def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.Path
     if cfg.channels_last:
         network = network.to(memory_format=torch.channels_last)
     spatial_shape = _spatial_shape(network, config.data.image_size, accelerator.device) if cfg.spatial else None
-    attrs = store_attrs(network, config, checkpoint_sha256, transform, precision, spatial_shape, classes)
+    attrs = store_attrs(model=network.name, checkpoint_sha256=checkpoint_sha256,
+                        layer=f"backbone.{network.spec.cam_layer}", transform=transform,
+                        image_size=config.data.image_size, shard_size=cfg.shard_size, precision=precision,
+                        classes=classes, feature_dim=network.feature_dim, spatial_shape=spatial_shape)
 
     tasks = plan_shards({split: len(d) for split, d in datasets.items()}, cfg.shard_size)
-    complete = set() if overwrite else check_store(folder, tasks, attrs, datasets)
+    if overwrite:
+        complete, damaged = {}, {}
+    else:
+        planned = {t.file: [datasets[t.split].relative_path(i) for i in range(t.first_row, t.first_row + t.rows)]
+                   for t in tasks}
+        complete, damaged = check_store(folder, attrs, planned, verify)
+    missing = [task for task in tasks if task.file not in complete]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         clear_store(folder, everything=overwrite)
+        for file, reason in damaged.items():
+            print(f"features: rebuilding {file}, which is damaged or was altered ({reason})")
+            (folder / file).unlink()
+        if missing:  # the store is incomplete until the new manifest is written
+            (folder / MANIFEST).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    missing = [task for task in tasks if task not in complete]
     mine = deal(missing, accelerator.process_index, accelerator.num_processes)
     accelerator.print(f"features: {len(tasks)} shard(s) in {cfg.splits}, {len(complete)} complete, "
                       f"{len(missing)} to write on {accelerator.num_processes} process(es) ({accelerator.device}, "
@@ -296,10 +142,11 @@ def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.Path
     written = gather_object([(accelerator.process_index, [task.file for task in mine])])
     result = {"rank": accelerator.process_index, "images": images, "seconds": seconds,
               "images_per_second": images / seconds if images else 0.0,
-              "written": {rank: files for rank, files in written}, "kept": sorted(t.file for t in complete)}
+              "written": {rank: files for rank, files in written}, "kept": sorted(complete),
+              "rebuilt": sorted(damaged)}
     if accelerator.is_main_process:
-        shards = [ShardInfo(t.file, t.split, t.first_row, t.rows, file_sha256(folder / t.file)) for t in tasks]
-        write_manifest(folder, _manifest_metadata(attrs), shards)
+        write_manifest(folder, manifest_metadata(attrs), [_manifest_entry(folder, t, complete.get(t.file))
+                                                          for t in tasks])
         save_config(config, folder / "config.yaml")
         for rank, files in result["written"].items():
             print(f"rank {rank} wrote {len(files)} shard(s): {', '.join(files) or '-'}")
@@ -309,6 +156,15 @@ def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.Path
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _manifest_entry(folder: Path, task: ShardTask, kept: ShardInfo | None) -> ShardInfo:
+    """A shard's manifest entry. A kept shard keeps the sha256 recorded when it was written, so that damage the
+    cheap checks let through is still caught by a later ``--verify``; new shards are hashed."""
+    path = folder / task.file
+    if kept is None:
+        return ShardInfo.of_file(path, task.split, task.first_row, task.rows)
+    return ShardInfo(task.file, task.split, task.first_row, task.rows, kept.sha256, path.stat().st_size)
 
 
 def _write_shards(network: Network, datasets: dict[str, ImageDataset], tasks: list[ShardTask], folder: Path,
@@ -324,18 +180,17 @@ def _write_shards(network: Network, datasets: dict[str, ImageDataset], tasks: li
     plan = batch_plan(tasks, offsets, cfg.batch_size)
     loader = DataLoader(ConcatDataset(list(datasets.values())), batch_sampler=[indices for _, indices in plan],
                         num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
-    autocast = torch.autocast(accelerator.device.type, dtype=AUTOCAST_DTYPES.get(precision),
-                              enabled=precision in AUTOCAST_DTYPES)
-    bar = tqdm(total=sum(t.rows for t in tasks), unit="img", desc="extract",
-               disable=not accelerator.is_main_process)
+    precision_context = autocast(accelerator.device.type, precision)
+    bar = progress_bar(total=sum(t.rows for t in tasks), unit="img", desc="extract",
+                       disable=not accelerator.is_main_process)
     writer, filled, images = None, 0, 0
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), precision_context:
             for (task, _), (batch, labels, rows) in zip(plan, loader):
                 if writer is None:
                     writer = ShardWriter(folder / task.file, task.rows, network.feature_dim, spatial_shape,
-                                         {**attrs, "split": task.split, "first_row": task.first_row,
-                                          "rows": task.rows}, cfg.compression)
+                                         shard_attrs(attrs, task.split, task.first_row, task.rows),
+                                         cfg.compression)
                 batch = batch.to(accelerator.device, non_blocking=True)
                 if cfg.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)

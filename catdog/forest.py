@@ -155,11 +155,13 @@ def _save_npy(path: os.PathLike, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def run_forest(config: Config, run_dir: str | os.PathLike) -> dict:
-    """Fit the forest on the run's train features, score every split, write ``RUN/forest/``. Returns the summary."""
+def run_forest(config: Config, run_dir: str | os.PathLike, verify: bool = False) -> dict:
+    """Fit the forest on the run's train features, score every split, write ``RUN/forest/``. Returns the summary.
+
+    ``verify``: check every shard's full checksum first (by default only its size and header)."""
     cfg = config.forest
     run = RunDir(run_dir)
-    store = FeatureStore(run.stage("features"))
+    store = FeatureStore(run.features_dir, verify=verify)
     if "train" not in store.splits:
         raise CatdogError(f"feature store {store.path}: no train split (it has {store.splits}); "
                           f"extract it: jobs/extract.py --run {run.path} --data DATA_ROOT")
@@ -192,12 +194,11 @@ def run_forest(config: Config, run_dir: str | os.PathLike) -> dict:
                                 "train split",
         "top10": top,
     }
-    out = run.stage("forest")
-    _save_npy(out / "importances.npy", importances)
-    write_text(out / "ranking.csv", ranking_csv(importances))
-    write_text(out / "ranking_per_class.csv", per_class_csv(store.classes, importances, signed, mean_in, mean_out))
-    save_config(config, out / "config.yaml")
-    write_json(out / "summary.json", summary)
+    _save_npy(run.importances_path, importances)
+    write_text(run.ranking_path, ranking_csv(importances))
+    write_text(run.ranking_per_class_path, per_class_csv(store.classes, importances, signed, mean_in, mean_out))
+    save_config(config, run.forest_dir / "config.yaml")
+    write_json(run.forest_summary, summary)  # last: its presence marks the stage complete
     print("forest (" + backend + "): " + ", ".join(f"{k.removesuffix('_accuracy')} {v:.2%}"
                                                  for k, v in accuracies.items()) + f"; fit {fit_seconds:.1f} s")
     return summary

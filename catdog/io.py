@@ -2,19 +2,55 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def temp_path(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """The temporary sibling ``path`` is written under before it is renamed into place: ``.<name>.tmp-<pid>``
+    (hidden, and named after the writing process so that two writers never share one)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def is_temp_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (or a bare file name) is a temporary file of ``temp_path``, e.g. left by a killed writer."""
+    return bool(_TEMP_NAME.match(Path(path).name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete the temporary files of ``path`` whose writer no longer runs (a killed earlier run left them)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if is_temp_path(tmp) and not _alive(int(tmp.name.rsplit("-", 1)[1])):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds. Temporary files
+    of ``path`` that a killed writer left behind are removed first, so a rerun leaves none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

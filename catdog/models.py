@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import urllib.error
@@ -19,6 +20,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from catdog.errors import CatdogError
 
@@ -281,3 +283,43 @@ def imagenet_weights_available(name: str, timeout: float = 5.0) -> bool:
         return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _conv_batchnorm_pairs(network: Network, probe: torch.Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """(conv, BatchNorm) pairs where, on ``probe``, the BatchNorm's input is the convolution's output tensor."""
+    conv_outputs, pairs = {}, []
+
+    def record(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            conv_outputs[id(output)] = (module, output)
+        elif id(inputs[0]) in conv_outputs:
+            pairs.append((conv_outputs[id(inputs[0])][0], module))
+
+    hooks = [m.register_forward_hook(record) for m in network.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    try:
+        with torch.inference_mode():
+            network.spatial(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pairs
+
+
+def fold_batchnorm(network: Network, probe: torch.Tensor) -> tuple[Network, int]:
+    """A copy of the (eval mode) network with each BatchNorm that follows a convolution folded into its weights,
+    and the number folded. The BatchNorm's activation, if it has one (timm's BatchNormAct2d), stays. Should the
+    copy's spatial maps on ``probe`` differ from the original's, the original is returned, with 0."""
+    folded = copy.deepcopy(network)
+    parents = {child: (parent, name) for parent in folded.modules() for name, child in parent.named_children()}
+    pairs = _conv_batchnorm_pairs(folded, probe)
+    for conv, bn in pairs:
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+        parent, name = parents[bn]
+        setattr(parent, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+    with torch.inference_mode():
+        expected, found = network.spatial(probe), folded.spatial(probe)
+    if not torch.allclose(found, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        log.warning("%s: folding BatchNorm changed the spatial maps; extracting without folding", network.name)
+        return network, 0
+    return folded, len(pairs)

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFile
-from tqdm import tqdm
 
-from catdog.data import IMAGE_SUFFIXES, SPLITS
+from catdog.config import SPLITS
+from catdog.data import IMAGE_SUFFIXES
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, read_json, write_json
+from catdog.progress import progress_bar
 
 KAGGLE_NAME = re.compile(r"^(?P<cls>[a-zA-Z]+)\.(?P<id>[^.]+)\.[a-zA-Z]+$")
 
@@ -128,7 +129,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
         elif not (quarantine / item.cls / item.source.name).exists():
             todo.append((item, dest, quarantine / item.cls))
     with mp.Pool(workers or os.cpu_count(), initializer=_strict_decoding) as workers_pool:
-        for item, status, reason in tqdm(workers_pool.imap_unordered(_place, todo, chunksize=16),
+        for item, status, reason in progress_bar(workers_pool.imap_unordered(_place, todo, chunksize=16),
                                          total=len(todo), desc="prepare", unit="img"):
             entry = {"source": str(item.source), "class": item.cls, "reason": reason}
             if status == "quarantined":

@@ -10,7 +10,6 @@ import base64
 import csv
 import html
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -48,13 +47,6 @@ def _missing(command: str) -> dict:
     return {"missing": f"run {command}"}
 
 
-def read_metrics(run: RunDir) -> list[dict]:
-    """The per-epoch records of metrics.jsonl (none when training has not finished an epoch)."""
-    if not run.metrics_path.is_file():
-        return []
-    return [json.loads(line) for line in run.metrics_path.read_text().splitlines() if line.strip()]
-
-
 def architecture(model_name: str, num_classes: int, image_size: int) -> dict:
     """Each top-level backbone layer's type, output shape and parameter count, from one 1x3xSxS forward pass."""
     network = models.create(model_name, num_classes, pretrained="none").eval()
@@ -82,10 +74,10 @@ def architecture(model_name: str, num_classes: int, image_size: int) -> dict:
 
 def _training(run: RunDir, model_name: str) -> dict:
     curve = [{key: record[key] for key in ("epoch", "train_loss", "test_accuracy", "images_per_second")}
-             for record in read_metrics(run)]
+             for record in run.metrics()]
     section = {"curve": curve, "seed_val_accuracy": SEED_VAL_ACCURACY.get(model_name)}
     if run.state_path.is_file() and not run.summary_path.is_file():
-        return {**section, **_missing(f"accelerate launch jobs/train.py --out {run.path} --resume")}
+        return {**section, **_missing(f"accelerate launch jobs/train.py --out {run.path} --data DATA_ROOT --resume")}
     if not run.summary_path.is_file():
         return {**section, **_missing(f"accelerate launch jobs/train.py --config configs/{model_name}.yaml "
                                       f"--data DATA_ROOT --out {run.path}")}
@@ -96,30 +88,29 @@ def _training(run: RunDir, model_name: str) -> dict:
 
 
 def _forest(run: RunDir) -> dict:
-    path = run.stage("forest") / "summary.json"
-    if not path.is_file() and (run.stage("features") / "manifest.json").is_file():
+    path = run.forest_summary
+    if not path.is_file() and run.stage_marker("extract").is_file():
         return _missing(f"python jobs/forest.py --run {run.path}")
     if not path.is_file():
-        return _missing(f"python jobs/extract.py --run {run.path} --data DATA_ROOT, then python jobs/forest.py "
+        return _missing(f"accelerate launch jobs/extract.py --run {run.path} --data DATA_ROOT, then python jobs/forest.py "
                         f"--run {run.path}")
     return {"summary": read_json(path)}
 
 
 def _sweep(run: RunDir) -> dict:
-    folder = run.stage("sweep")
-    if not (folder / "results.csv").is_file():
+    if not run.sweep_results.is_file():
         return _missing(f"python jobs/sweep.py --run {run.path}")
-    with open(folder / "results.csv", newline="") as handle:
+    with open(run.sweep_results, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    plot = folder / "accuracy_vs_k.png"
+    plot = run.sweep_plot
     return {"rows": rows, "plot": str(plot) if plot.is_file() else None}
 
 
 def _topact(run: RunDir) -> dict:
-    folder = run.stage("topact")
-    if not (folder / "index.json").is_file():
+    folder = run.topact_dir
+    if not run.topact_index.is_file():
         return _missing(f"python jobs/topact.py --run {run.path} --data DATA_ROOT")
-    index = read_json(folder / "index.json")
+    index = read_json(run.topact_index)
     classes = {name: [{"feature": entry["feature"], "rank": entry["rank"], "class_shares": entry["class_shares"],
                        "montage": str(folder / entry["montage"])} for entry in entries]
                for name, entries in index["classes"].items()}

@@ -97,8 +97,8 @@ class RunDir:
         return self.topact_dir / "index.json"
 
     def stage_marker(self, stage: str) -> Path:
-        """The file a stage writes last: the stage is complete when it exists."""
-        markers = {"train": self.summary_path, "extract": self.features_dir / "manifest.json",
+        """The file a stage writes last: the stage is complete when it exists (``resume``: training can resume)."""
+        markers = {"resume": self.state_path, "train": self.summary_path, "extract": self.features_dir / "manifest.json",
                    "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index}
         if stage not in markers:
             raise CatdogError(f"stage {stage!r}: unknown; one of {', '.join(markers)}")

@@ -2,35 +2,112 @@
 
 Layout of ``RUN/features/``::
 
-    manifest.json            every complete shard: file, split, first_row, rows, sha256; plus model metadata
+    manifest.json            every complete shard: file, split, first_row, rows, sha256, size; plus model metadata
     <split>-<nnnn>.h5        rows [nnnn * shard_size, ...) of one split
 
 Each shard holds ``features`` (rows, D) float32, ``spatial`` (rows, C, h, w) float16 chunked per image
 and compressed (optional), ``labels`` (rows,) int64, ``paths`` (rows,) UTF-8 and ``row_ids`` (rows,) int64,
 the row id being the image's index in its split (sorted class, then file name). Shard attributes record
-the model, checkpoint hash, layer, transform and split. Shards are written under a temporary name and
-renamed when complete, so a file with a final name is always whole.
+the model, checkpoint hash, layer, transform and split. Shards are written under a temporary name
+(``catdog.io.temp_path``) and renamed when complete, so a file with a final name is always whole.
+
+This module owns the store's rules: shard names, which files belong to a store, the attributes its shards
+share, the manifest, and the checks that a shard is the one the manifest lists (``shard_damage``).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
 
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, file_sha256, read_json, write_json
+from catdog.io import atomic_path, file_sha256, is_temp_path, read_json, write_json
 
 MANIFEST = "manifest.json"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The first 8 bytes of every HDF5 file written by catdog (the superblock sits at offset 0)."""
+PER_SHARD_ATTRS = ("split", "first_row", "rows")
+"""Shard attributes that differ between the shards of one store; all others must match."""
+IDENTITY_KEYS = ("checkpoint_sha256", "model", "transform")
+"""Manifest entries that say where the features come from: an extraction that differs refuses the store."""
+_SHARD_NAME = re.compile(r"^(?!\.)(?P<split>.+)-(?P<index>\d{4,})\.h5$")
 
 
 def shard_name(split: str, index: int) -> str:
+    """The file name of a split's ``index``-th shard (the index, not the writer's rank: stable across reruns)."""
     return f"{split}-{index:04d}.h5"
 
+
+def is_shard_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (or a bare name) has a shard's final name, as ``shard_name`` makes it (not a temporary)."""
+    return bool(_SHARD_NAME.match(Path(path).name))
+
+
+def decode_paths(values: Iterable) -> list[str]:
+    """Image paths as stored in a shard's ``paths`` dataset (bytes or str, by h5py version) as ``str``."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+def clear_store(folder: str | os.PathLike, everything: bool) -> None:
+    """Remove temporary files left by a killed writer; with ``everything``, also the shards and the manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if is_temp_path(path) or (everything and (is_shard_file(path) or path.name == MANIFEST)):
+            path.unlink()
+
+
+def store_attrs(*, model: str, checkpoint_sha256: str, layer: str, transform: str, image_size: int, shard_size: int,
+                precision: str, classes: list[str], feature_dim: int, spatial_shape: list[int] | None) -> dict:
+    """Attributes every shard of one store shares (``shard_attrs`` adds the per-shard ones)."""
+    return {
+        "model": model,
+        "checkpoint_sha256": checkpoint_sha256,
+        "layer": layer,
+        "transform": transform,
+        "image_size": image_size,
+        "shard_size": shard_size,
+        "precision": precision,
+        "classes": json.dumps(classes),
+        "feature_dim": feature_dim,
+        "spatial_shape": json.dumps(spatial_shape),
+    }
+
+
+def shard_attrs(attrs: dict, split: str, first_row: int, rows: int) -> dict:
+    """One shard's attributes: the store's ``attrs`` plus ``PER_SHARD_ATTRS``."""
+    return {**attrs, "split": split, "first_row": first_row, "rows": rows}
+
+
+def attr_conflict(found: dict, expected: dict) -> str | None:
+    """The first store-wide attribute whose value differs, as ``key``, or None when they all agree."""
+    for key, value in expected.items():
+        if key not in PER_SHARD_ATTRS and found.get(key) != value:
+            return key
+    return None
+
+
+def manifest_metadata(attrs: dict) -> dict:
+    """The manifest's model metadata, from the store's attributes (``store_attrs``)."""
+    return {
+        "model": attrs["model"],
+        "checkpoint_sha256": attrs["checkpoint_sha256"],
+        "classes": json.loads(attrs["classes"]),
+        "feature_dim": attrs["feature_dim"],
+        "spatial_shape": json.loads(attrs["spatial_shape"]),
+        "layer": attrs["layer"],
+        "transform": attrs["transform"],
+        "shard_size": attrs["shard_size"],
+        "image_size": attrs["image_size"],
+        "precision": attrs["precision"],
+    }
 
 
 class ShardWriter:
@@ -96,16 +173,153 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """A shard as ``manifest.json`` lists it. ``size`` (bytes) is None in manifests written before it was recorded."""
+
     file: str
     split: str
     first_row: int
     rows: int
     sha256: str
+    size: int | None = None
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike, split: str, first_row: int, rows: int) -> "ShardInfo":
+        """The manifest entry of a complete shard file: its name, rows, size and sha256."""
+        path = Path(path)
+        return cls(path.name, split, first_row, rows, file_sha256(path), path.stat().st_size)
 
 
 def write_manifest(folder: str | os.PathLike, metadata: dict, shards: list[ShardInfo]) -> None:
     """Write ``manifest.json`` (atomically): the store's metadata and its complete shards."""
     write_json(Path(folder) / MANIFEST, {**metadata, "shards": [asdict(s) for s in shards]})
+
+
+def read_manifest(folder: str | os.PathLike) -> tuple[dict, list[ShardInfo]]:
+    """``manifest.json``'s metadata and shards; a CatdogError if it is missing or not a catdog manifest."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CatdogError(f"feature store {folder}: no {MANIFEST}; the extraction did not finish "
+                          f"(run jobs/extract.py --run {folder.parent} --data DATA_ROOT to complete it)")
+    try:
+        manifest = read_json(path)
+        shards = [ShardInfo(**s) for s in manifest["shards"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CatdogError(f"feature store {folder}: {MANIFEST} is not a catdog manifest ({exc}); rerun "
+                          f"jobs/extract.py --run {folder.parent} --data DATA_ROOT --overwrite to rebuild it") from None
+    return manifest, shards
+
+
+def shard_damage(path: str | os.PathLike, info: ShardInfo | None, verify: bool = False) -> str | None:
+    """Why the shard file at ``path`` is not the one its manifest entry ``info`` describes, or None when it passes.
+
+    Cheap checks (a stat and 8 bytes): the size recorded in the manifest, and the HDF5 signature at the start,
+    which needs no manifest entry. With ``verify``, also the sha256 of the whole file (when ``info`` is given).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if info is not None and info.size is not None and size != info.size:
+        return f"{size} bytes, {MANIFEST} says {info.size}"
+    with open(path, "rb") as handle:
+        start = handle.read(len(HDF5_SIGNATURE))
+    if start != HDF5_SIGNATURE:
+        return f"its first {len(HDF5_SIGNATURE)} bytes are {start!r}, not the HDF5 signature"
+    if verify and info is not None:
+        sha256 = file_sha256(path)
+        if sha256 != info.sha256:
+            return f"sha256 {sha256[:12]}..., {MANIFEST} says {info.sha256[:12]}..."
+    return None
+
+
+def _damaged(folder: Path, file: str, reason: str, verify: bool) -> CatdogError:
+    return CatdogError(f"feature store {folder}: shard {file} is damaged or was altered ({reason}); rebuild it with "
+                       f"jobs/extract.py --run {folder.parent} --data DATA_ROOT{' --verify' if verify else ''}, "
+                       "which rewrites shards that fail this check")
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _read_header(path: Path) -> tuple[dict, list[str]]:
+    """A shard's attributes and stored paths; OSError, KeyError, ValueError or RuntimeError (h5py) when it is not
+    a whole shard."""
+    with h5py.File(path, "r") as f:
+        attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        rows = {f[name].shape[0] for name in ("features", "labels", "row_ids", "paths")}
+        if "spatial" in f:
+            rows.add(f["spatial"].shape[0])
+        if len(rows) != 1 or ("rows" in attrs and attrs["rows"] not in rows):
+            raise ValueError(f"datasets of {sorted(rows)} rows, attributes say {attrs.get('rows')}")
+        return attrs, decode_paths(f["paths"][:])
+
+
+def _at(paths: list[str], row: int) -> str:
+    return repr(paths[row]) if row < len(paths) else "past its end"
+
+
+def _refuse(folder: Path, what: str, key: str, found, expected) -> CatdogError:
+    if key == "checkpoint_sha256":
+        reason = (f"was extracted from another checkpoint (sha256 {str(found)[:12]}..., the run's "
+                  f"best.safetensors is {str(expected)[:12]}...)")
+    else:
+        reason = f"was made with {key}={found!r}, this extraction uses {expected!r}"
+    return CatdogError(f"feature store {folder}: {what} {reason}; pass --overwrite to rebuild the store "
+                       "(or extract into another run directory)")
+
+
+def _old_manifest(folder: Path) -> tuple[dict, dict[str, ShardInfo]]:
+    """An earlier extraction's manifest and shards by file; empty when absent or unreadable (it is rewritten)."""
+    try:
+        manifest, shards = read_manifest(folder)
+    except CatdogError:
+        return {}, {}
+    return manifest, {s.file: s for s in shards}
+
+
+def check_store(folder: str | os.PathLike, attrs: dict, planned: dict[str, list[str]],
+                verify: bool = False) -> tuple[dict[str, ShardInfo | None], dict[str, str]]:
+    """Which planned shards already in ``folder`` can be kept, and which must be rebuilt.
+
+    ``attrs``: the store attributes this extraction writes (``store_attrs``); ``planned``: each shard file to
+    write, with the image paths of its rows in order. Returns ``(complete, damaged)``: the planned shards that
+    pass, each with its entry in the earlier manifest (None when not listed there, e.g. after a killed run), and
+    ``{file: reason}`` for the planned shards that fail ``shard_damage`` against the earlier manifest (or cannot
+    be read as a whole HDF5 shard), which the caller deletes and rewrites. Raises a CatdogError for a store made
+    from another checkpoint, other settings or other images, so that shards are never mixed.
+    """
+    folder = Path(folder)
+    manifest, listed = _old_manifest(folder)
+    for key in IDENTITY_KEYS:
+        if key in manifest and manifest[key] != attrs[key]:
+            raise _refuse(folder, MANIFEST, key, manifest[key], attrs[key])
+    complete, damaged = {}, {}
+    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        if not is_shard_file(path):
+            continue
+        reason = shard_damage(path, listed.get(path.name), verify)
+        if reason is None:
+            try:
+                found, stored = _read_header(path)
+            except (OSError, KeyError, ValueError, RuntimeError) as exc:
+                reason = f"cannot be read as a whole HDF5 shard: {' '.join(str(exc).split())[:160]}"
+        if reason is not None:
+            if path.name in planned:
+                damaged[path.name] = reason
+            continue
+        key = attr_conflict(found, attrs)
+        if key is not None:
+            raise _refuse(folder, path.name, key, found.get(key), attrs[key])
+        expected = planned.get(path.name)
+        if expected is None:
+            continue
+        if stored != expected:
+            row = next(i for i, (a, b) in enumerate(zip([*stored, None], [*expected, None])) if a != b)
+            raise CatdogError(f"feature store {folder}: {path.name} holds other images than this extraction plans "
+                              f"for it (its row {row} is {_at(stored, row)}, expected {_at(expected, row)}); did the "
+                              "data change? pass --overwrite to rebuild the store")
+        complete[path.name] = listed.get(path.name)
+    return complete, damaged
 
 
 def read_shard(path: str | os.PathLike, spatial: bool = False) -> dict[str, np.ndarray]:
@@ -115,7 +329,7 @@ def read_shard(path: str | os.PathLike, spatial: bool = False) -> dict[str, np.n
             "features": f["features"][:],
             "labels": f["labels"][:],
             "row_ids": f["row_ids"][:],
-            "paths": np.array([p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]], dtype=object),
+            "paths": np.array(decode_paths(f["paths"][:]), dtype=object),
         }
         if spatial:
             out["spatial"] = f["spatial"][:]
@@ -124,24 +338,25 @@ def read_shard(path: str | os.PathLike, spatial: bool = False) -> dict[str, np.n
 
 class FeatureStore:
     """Read a ``features/`` folder: per split, features as one (N, D) array, labels, paths, row ids,
-    and spatial maps streamed in batches or fetched by row id. Works the same with one shard or thousands."""
+    and spatial maps streamed in batches or fetched by row id. Works the same with one shard or thousands.
 
-    def __init__(self, path: str | os.PathLike):
+    Every shard the manifest lists is checked on opening (``shard_damage``): its size and HDF5 signature, and
+    with ``verify`` its full sha256 (reads the whole store once).
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise CatdogError(f"feature store {self.path}: no {MANIFEST}; the extraction did not finish "
-                              f"(run jobs/extract.py --run {self.path.parent} to complete it)")
-        try:
-            self.manifest = read_json(manifest_path)
-            self._shards = [ShardInfo(**s) for s in self.manifest["shards"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CatdogError(f"feature store {self.path}: {MANIFEST} is not a catdog manifest ({exc}); "
-                              f"rerun jobs/extract.py --run {self.path.parent} --overwrite to rebuild it") from None
+        self.manifest, self._shards = read_manifest(self.path)
         missing = [s.file for s in self._shards if not (self.path / s.file).is_file()]
         if missing:
-            raise CatdogError(f"feature store {self.path}: {len(missing)} shard(s) listed in {MANIFEST} are missing, "
-                              f"e.g. {missing[0]}; rerun jobs/extract.py to rebuild them")
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CatdogError(f"feature store {self.path}: shard {missing[0]}{more} listed in {MANIFEST} is missing; "
+                              f"rebuild it with jobs/extract.py --run {self.path.parent} --data DATA_ROOT, which "
+                              "writes the missing shards")
+        for info in self._shards:
+            reason = shard_damage(self.path / info.file, info, verify)
+            if reason is not None:
+                raise _damaged(self.path, info.file, reason, verify)
 
     @property
     def classes(self) -> list[str]:
@@ -159,12 +374,16 @@ class FeatureStore:
     def has_spatial(self) -> bool:
         return self.manifest.get("spatial_shape") is not None
 
-    def shards(self, split: str) -> list[Path]:
-        """Shard files of a split, in row order."""
+    def shard_infos(self, split: str) -> list[ShardInfo]:
+        """The manifest entries of a split's shards, in row order."""
         infos = sorted((s for s in self._shards if s.split == split), key=lambda s: s.first_row)
         if not infos:
             raise CatdogError(f"feature store {self.path}: no split {split!r}; it has {self.splits}")
-        return [self.path / s.file for s in infos]
+        return infos
+
+    def shards(self, split: str) -> list[Path]:
+        """Shard files of a split, in row order."""
+        return [self.path / s.file for s in self.shard_infos(split)]
 
     def num_rows(self, split: str) -> int:
         return sum(s.rows for s in self._shards if s.split == split)
@@ -186,7 +405,7 @@ class FeatureStore:
         return self._concat(split, "row_ids")
 
     def paths(self, split: str) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self._concat(split, "paths")]
+        return decode_paths(self._concat(split, "paths"))
 
     def iter_spatial(self, split: str, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row_ids, maps)`` batches; only one batch of maps is in memory at a time."""
@@ -200,12 +419,12 @@ class FeatureStore:
     def spatial(self, split: str, rows: np.ndarray | list[int]) -> np.ndarray:
         """Spatial maps of the chosen row ids, in the order given."""
         self._need_spatial()
+        infos = self.shard_infos(split)
         rows = np.asarray(rows, dtype=np.int64)
         total = self.num_rows(split)
         if rows.size and (rows.min() < 0 or rows.max() >= total):
             raise CatdogError(f"feature store {self.path}: row ids must lie in 0..{total - 1} for split {split!r}")
         out = np.empty((len(rows), *self.manifest["spatial_shape"]), dtype=np.float16)
-        infos = sorted((s for s in self._shards if s.split == split), key=lambda s: s.first_row)
         for info in infos:
             inside = np.flatnonzero((rows >= info.first_row) & (rows < info.first_row + info.rows))
             if inside.size:

@@ -26,18 +26,18 @@ from ray.exceptions import RayTaskError
 from sklearn.base import ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
 from sklearn.utils import all_estimators
-from tqdm import tqdm
 
 from catdog.cluster import ray_session
-from catdog.config import ClassifierSpec, Config, SweepConfig, save_config
+from catdog.config import SPLITS, ClassifierSpec, Config, SweepConfig, save_config
 from catdog.errors import CatdogError
 from catdog.io import atomic_path
+from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
+from catdog.run import RunDir
 from catdog.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test", "val")
 RESULT_COLUMNS = ("k", "classifier", "n_features", "test_accuracy", "val_accuracy", "fit_seconds",
                   "estimator", "params", "ranking")
 SplitData = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -95,8 +95,6 @@ def _params_text(params: dict) -> str:
 
 def sweep_cells(cfg: SweepConfig, feature_dim: int) -> list[Cell]:
     """The grid: classifier by classifier, each with every k in the order listed; k is capped at the feature count."""
-    if not cfg.ks or not cfg.classifiers:
-        raise CatdogError("sweep: ks and classifiers must each list at least one entry")
     for k in cfg.ks:
         if k != "all" and k > feature_dim:
             log.warning("sweep.ks: k=%s exceeds the store's %d features; that cell uses all of them", k, feature_dim)
@@ -118,7 +116,7 @@ def compute_cells(data: SplitData, order: np.ndarray, cells: list[Cell], max_ret
     data_ref = ray.put(data)
     pending = {task.remote(data_ref, order[:cell.n_features], estimators[cell.classifier]): cell
                for cell in sorted(cells, key=lambda cell: -cell.n_features)}
-    with tqdm(total=len(pending), desc="sweep cells", unit="cell") as bar:
+    with progress_bar(total=len(pending), desc="sweep cells", unit="cell") as bar:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ref)
@@ -166,22 +164,21 @@ def load_split_data(store: FeatureStore) -> SplitData:
     return {split: (store.features(split), store.labels(split)) for split in SPLITS}
 
 
-def run_sweep(run_dir: str | os.PathLike, cfg: Config, address: str | None = None,
+def run_sweep(run_dir: str | os.PathLike, config: Config, address: str | None = None, verify: bool = False,
               fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell) -> list[dict]:
     """The sweep job: compute the cells missing from ``RUN/sweep/results.csv`` on Ray, then plot.
 
     Returns the rows of the grid in grid order. Rows of results.csv that belong to no cell of the current
     config (another k list, changed parameters) are dropped from the file.
     """
-    run = Path(run_dir)
-    store = FeatureStore(run / "features")
-    order = read_ranking(run / "forest", cfg.sweep.ranking, store.feature_dim)
-    cells = sweep_cells(cfg.sweep, store.feature_dim)
-    for spec in cfg.sweep.classifiers.values():
+    cfg, run = config.sweep, RunDir(run_dir)
+    store = FeatureStore(run.features_dir, verify=verify)
+    order = read_ranking(run, cfg.ranking, store.feature_dim)
+    cells = sweep_cells(cfg, store.feature_dim)
+    for spec in cfg.classifiers.values():
         build_estimator(spec)  # a misspelt name fails here, before results.csv is touched
-    out = run / "sweep"
-    results_path = out / "results.csv"
-    save_config(cfg, out / "config.yaml")
+    results_path = run.sweep_results
+    save_config(config, run.sweep_dir / "config.yaml")
 
     done = {_row_key(row): row for row in read_results(results_path)}
     finished = {cell.key: done[cell.key] for cell in cells if cell.key in done}
@@ -195,11 +192,11 @@ def run_sweep(run_dir: str | os.PathLike, cfg: Config, address: str | None = Non
     if todo:
         data = load_split_data(store)
         with ray_session(address):
-            for cell, result in compute_cells(data, order, todo, cfg.sweep.max_retries, fit):
+            for cell, result in compute_cells(data, order, todo, cfg.max_retries, fit):
                 finished[cell.key] = result_row(cell, result)
                 write_results(results_path, grid_rows())
     rows = read_results(results_path)
-    plot_accuracy(rows, out / "accuracy_vs_k.png", title=f"ranking: {cfg.sweep.ranking}")
+    plot_accuracy(rows, run.sweep_plot, title=f"ranking: {cfg.ranking}")  # last: marks the stage complete
     return rows
 
 

@@ -19,18 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import matplotlib
 import numpy as np
 import ray
 from matplotlib.figure import Figure
 from PIL import Image
-from tqdm import tqdm
 
 from catdog.cluster import ray_session
 from catdog.config import Config, TopactConfig, save_config
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json
+from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
+from catdog.run import RunDir
 from catdog.store import FeatureStore, read_shard
 
 
@@ -85,7 +85,7 @@ def search_top_activations(store: FeatureStore, split: str, feature_idx: np.ndar
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(shard_topk)
     pending = [task.remote(str(shard), feature_idx, k) for shard in store.shards(split)]
     top, info = empty_topk(len(feature_idx), k), {}
-    with tqdm(total=len(pending), desc=f"top activations ({split})", unit="shard") as bar:
+    with progress_bar(total=len(pending), desc=f"top activations ({split})", unit="shard") as bar:
         while pending:
             [ref], pending = ray.wait(pending, num_returns=1)
             part, part_info = ray.get(ref)
@@ -122,28 +122,26 @@ def draw_montage(images: list[Image.Image], maps: np.ndarray, titles: list[str],
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _check_inputs(cfg: TopactConfig, store: FeatureStore, data_root: Path) -> None:
+def _check_inputs(store: FeatureStore, data_root: Path) -> None:
     if not data_root.is_dir():
         raise CatdogError(f"data root {data_root}: no such directory; pass the --data root the features were "
                           "extracted from")
     if not store.has_spatial:
         raise CatdogError(f"feature store {store.path}: extracted without spatial maps (extract.spatial=false); "
                           "the montages need them: extract again with extract.spatial=true")
-    if cfg.colormap not in matplotlib.colormaps:
-        raise CatdogError(f"topact.colormap: {cfg.colormap!r} is not a matplotlib colormap (e.g. jet, viridis)")
 
 
-def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, cfg: Config,
-               address: str | None = None) -> dict:
+def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config: Config,
+               address: str | None = None, verify: bool = False) -> dict:
     """The top-activation job: search on Ray, then a montage per feature and ``index.json``; returns the index."""
-    run, data_root, tcfg = Path(run_dir), Path(data_root), cfg.topact
-    store = FeatureStore(run / "features")
-    _check_inputs(tcfg, store, data_root)
-    chosen = {name: read_ranking(run / "forest", name, store.feature_dim)[:tcfg.features_per_class]
+    run, data_root, tcfg = RunDir(run_dir), Path(data_root), config.topact
+    store = FeatureStore(run.features_dir, verify=verify)
+    _check_inputs(store, data_root)
+    chosen = {name: read_ranking(run, name, store.feature_dim)[:tcfg.features_per_class]
               for name in store.classes}
     feature_idx = np.unique(np.concatenate(list(chosen.values())))
-    out = run / "topact"
-    save_config(cfg, out / "config.yaml")
+    out = run.topact_dir
+    save_config(config, out / "config.yaml")
 
     with ray_session(address):
         top, info = search_top_activations(store, tcfg.split, feature_idx,
@@ -158,7 +156,7 @@ def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, cfg: Co
             entry = feature_entry(store, tcfg, class_name, rank, feature, top.rows[i], top.values[i], info)
             draw_feature(entry, class_name, store, tcfg, data_root, out / entry["montage"])
             index["classes"][class_name].append(entry)
-    write_json(out / "index.json", index)
+    write_json(run.topact_index, index)  # last: marks the stage complete
     return index
 
 

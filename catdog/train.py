@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from catdog import models
 from catdog.config import Config, OptimConfig, save_config
-from catdog.devices import resolve_mixed_precision, use_cpu_cores
+from catdog.devices import accelerator_for
 from catdog.data import find_classes, open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json, write_text
+from catdog.progress import progress_bar
 from catdog.run import RunDir
 
 
@@ -58,7 +58,7 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: 
     """Accuracy over the whole split; ``gather_for_metrics`` drops the padding added to even out processes."""
     model.eval()
     correct = total = 0
-    for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for images, labels, _ in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         predictions = model(images).argmax(dim=1)
@@ -81,12 +81,10 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``. Returns the summary."""
     run = RunDir(out)
     if run.state_path.exists() and not resume:
-        raise CatdogError(f"run {run.path} already has a training state (last.pt): pass --resume to continue it, "
-                          "or choose another --out")
-    use_cpu = config.train.cpu or not torch.cuda.is_available()
-    precision = resolve_mixed_precision(config.train.mixed_precision, use_cpu)
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
-    use_cpu_cores(accelerator, config.train.cpu_threads)
+        raise CatdogError(f"run {run.path} already has a training state (last.pt): continue it with "
+                          f"jobs/train.py --out {run.path} --data DATA_ROOT --resume, or choose another --out")
+    accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads)
+    use_cpu = accelerator.device.type == "cpu"
     channels_last = config.train.channels_last
 
     classes = find_classes(data_root)
@@ -113,10 +111,14 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
 
     start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
     if resume and run.state_path.exists():
-        state = torch.load(run.state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = run.load_state()
+        models.load_weights(model, state["model"], f"run {run.path}: last.pt")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as exc:
+            raise CatdogError(f"run {run.path}: last.pt's optimizer state does not fit this config ({exc}); "
+                              "resume with the run's own config.yaml (no --config), or train into a new --out") from None
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
         accelerator.print(f"resuming {run.path} after epoch {state['epoch']} "
                           f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
@@ -137,7 +139,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=accelerator.device)
         images_per_rank = 0
-        bar = tqdm(total=steps_per_epoch // accelerator.num_processes or 1, desc=f"epoch {epoch}",
+        bar = progress_bar(total=steps_per_epoch // accelerator.num_processes or 1, desc=f"epoch {epoch}",
                    disable=not accelerator.is_local_main_process)
         for step, (images, labels, _) in enumerate(train_loader):
             if config.train.max_train_batches and step * accelerator.num_processes >= steps_per_epoch:
@@ -191,7 +193,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
 
     if not run.best_checkpoint.exists():
         raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
-    accelerator.unwrap_model(model).load_state_dict(load_file(run.best_checkpoint))
+    accelerator.unwrap_model(model).load_state_dict(run.load_weights())
     val_accuracy, val_images = evaluate(model, val_loader, accelerator, "val", channels_last)
     train_seconds = sum(r["train_seconds"] for r in history)
     summary = {

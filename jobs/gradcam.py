@@ -7,7 +7,7 @@ Writes OUT_DIR/gradcam/{grid.png,summary.json,config.yaml}. The gradcam section 
 first run's config.yaml) plus overrides; each model's eval transform comes from its own run's config.yaml.
 """
 from catdog.cam import gradcam
-from catdog.cli import config_from, parser, run_job
+from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.errors import CatdogError
 from catdog.run import RunDir
 
@@ -21,6 +21,7 @@ def main() -> None:
     misplaced = [run for run in args.runs if "=" in run]
     if misplaced:
         raise CatdogError(f"--runs {misplaced[0]}: looks like an override; put overrides before --runs")
+    writable_dir(args.out, "--out")
     summary = gradcam(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
     for model in summary["models"]:
         for method, score in model["methods"].items():

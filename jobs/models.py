@@ -3,14 +3,12 @@
     python jobs/models.py                       # every model
     python jobs/models.py --available NAME ...  # print only the names whose weights are available
 """
-import argparse
-
 from catdog import models
-from catdog.cli import run_job
+from catdog.cli import parser, run_job
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, overrides=False)
     p.add_argument("--available", nargs="+", metavar="NAME", help="print those of NAME whose weights are available")
     args = p.parse_args()
     if args.available:

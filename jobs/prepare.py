@@ -3,32 +3,16 @@
     python jobs/prepare.py --source PetImages --out data/cats_vs_dogs
     python jobs/prepare.py --download --out data/cats_vs_dogs         # fetch Microsoft's PetImages first (online)
 """
-import argparse
-import zipfile
 from pathlib import Path
 
-from catdog.cli import run_job
-from catdog.download import PETIMAGES_URL, download
+from catdog.cli import parser, run_job, writable_dir
+from catdog.download import PETIMAGES_URL, fetch_petimages
 from catdog.errors import CatdogError
 from catdog.prepare import prepare
 
 
-def fetch_petimages(cache: Path, url: str) -> Path:
-    """Download (resumably) and unpack the PetImages archive; returns the PetImages folder."""
-    archive = download(url, cache / Path(url).name)
-    folder = cache / "PetImages"
-    if not folder.is_dir():
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(cache / "unpacking")
-        except zipfile.BadZipFile:
-            raise CatdogError(f"{archive}: not a valid zip archive; delete it and run again") from None
-        (cache / "unpacking" / "PetImages").rename(folder)
-    return folder
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, overrides=False)
     p.add_argument("--source", type=Path, help="PetImages folder (Cat/, Dog/) or a folder of cat.1.jpg, dog.1.jpg ...")
     p.add_argument("--download", action="store_true", help="download PetImages first (needs internet)")
     p.add_argument("--url", default=PETIMAGES_URL, help="archive to download")
@@ -39,6 +23,7 @@ def main() -> None:
     args = p.parse_args()
     if args.source is None and not args.download:
         raise CatdogError("give --source DIR, or --download to fetch PetImages")
+    writable_dir(args.out, "--out")
     try:
         fractions = tuple(float(x) for x in args.split.split(","))
     except ValueError:

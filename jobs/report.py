@@ -5,18 +5,17 @@
 Writes REPORT_DIR/index.html (images embedded, opens offline) and REPORT_DIR/summary.json. Stages that have
 not run yet are shown as missing, with the command that makes them.
 """
-import argparse
-
-from catdog.cli import run_job
+from catdog.cli import parser, run_job, writable_dir
 from catdog.report import report
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, overrides=False)
     p.add_argument("--runs", nargs="+", required=True, help="run directories written by jobs/train.py")
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--gradcam", help="the gradcam/ folder written by jobs/gradcam.py")
     args = p.parse_args()
+    writable_dir(args.out, "--out")
     summary = report(args.runs, args.out, args.gradcam)
     for run in summary["runs"]:
         missing = [stage for stage in ("training", "architecture", "forest", "sweep", "topact")

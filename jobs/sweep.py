@@ -5,7 +5,7 @@
     ray job submit --address http://HEAD:8265 -- python jobs/sweep.py --run RUN_DIR
     ray submit configs/ray-cluster.yaml jobs/sweep.py -- --run RUN_DIR
 """
-from catdog.cli import config_from, parser, run_job
+from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.run import RunDir
 from catdog.sweep import format_table, run_sweep
 
@@ -14,11 +14,13 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--run", required=True, help="run directory with features/ and forest/")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--verify", action="store_true", help="check each shard's sha256, not only its size and header")
     args = p.parse_args()
-    run = RunDir(args.run)
-    rows = run_sweep(run.path, config_from(args, fallback=str(run.config_path)), address=args.address)
+    run = RunDir(writable_dir(args.run, "--run"))
+    rows = run_sweep(run.path, config_from(args, fallback=str(run.config_path)), address=args.address,
+                     verify=args.verify)
     print(format_table(rows))
-    print(f"wrote {run.stage('sweep') / 'results.csv'} and {run.stage('sweep') / 'accuracy_vs_k.png'}")
+    print(f"wrote {run.sweep_results} and {run.sweep_plot}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,42 @@
-"""Build tiny feature stores (with ``ShardWriter``, as the extraction does) for tests of the later stages."""
+"""Build tiny feature stores (with ``ShardWriter``, as the extraction does) for tests of the later stages,
+and damage their shards the ways a disk or a copy can."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from catdog.forest import per_class_csv, ranking_csv
-from catdog.io import file_sha256
-from catdog.store import ShardInfo, ShardWriter, shard_name, write_manifest
+from catdog.store import ShardInfo, ShardWriter, shard_attrs, shard_name, write_manifest
+
+DAMAGES = ("truncated", "header", "data")
+"""What ``damage_shard`` can do: cut the file in half, flip a byte of its HDF5 signature, flip a byte of the
+``features`` data (the same size and header: only a sha256 finds it)."""
+
+
+def damage_shard(path: Path, how: str) -> None:
+    """Damage a shard file in place (see ``DAMAGES``)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        del data[len(data) // 2:]
+    elif how == "header":
+        data[1] ^= 0xFF
+    elif how == "data":
+        with h5py.File(path, "r") as f:
+            offset = f["features"].id.get_offset()  # contiguous, uncompressed: the raw float32 values
+        data[offset + 1] ^= 0x01
+    else:
+        raise ValueError(f"damage_shard: how must be one of {DAMAGES}")
+    path.write_bytes(bytes(data))
 
 
 def write_store(folder: Path, splits: dict[str, dict], classes: list[str], shard_size: int,
-                spatial_shape: tuple[int, int, int] | None = None, image_size: int = 32) -> Path:
-    """``splits[name]`` holds ``features`` (N, D), ``labels`` (N,), ``paths`` and optionally ``spatial``."""
+                spatial_shape: tuple[int, int, int] | None = None, image_size: int = 32,
+                attrs: dict | None = None) -> Path:
+    """``splits[name]`` holds ``features`` (N, D), ``labels`` (N,), ``paths`` and optionally ``spatial``.
+    Each shard gets ``attrs`` (store-wide attributes, as ``catdog.store.store_attrs`` makes them) and its own
+    split, first row and row count."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     for split, arrays in splits.items():
@@ -21,10 +45,10 @@ def write_store(folder: Path, splits: dict[str, dict], classes: list[str], shard
             rows = slice(first, min(n, first + shard_size))
             count = rows.stop - rows.start
             path = folder / shard_name(split, index)
-            with ShardWriter(path, count, dim, spatial_shape, {"split": split}) as writer:
+            with ShardWriter(path, count, dim, spatial_shape, shard_attrs(attrs or {}, split, first, count)) as writer:
                 writer.write(arrays["features"][rows], arrays["labels"][rows], np.arange(rows.start, rows.stop),
                              list(arrays["paths"][rows]), arrays["spatial"][rows] if spatial_shape else None)
-            shards.append(ShardInfo(path.name, split, first, count, file_sha256(path)))
+            shards.append(ShardInfo.of_file(path, split, first, count))
     write_manifest(folder, {"model": "synthetic", "checkpoint_sha256": "0" * 64, "classes": classes,
                             "feature_dim": dim, "spatial_shape": list(spatial_shape) if spatial_shape else None,
                             "layer": "synthetic", "transform": "none", "shard_size": shard_size,

@@ -39,7 +39,8 @@ def test_unreadable_files_are_skipped_not_fatal(tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     (lambda r: shutil.rmtree(r / "val"), "missing split folder"),
     (lambda r: (r / "test" / "bird").mkdir(), "class folders differ between splits"),
-    (lambda r: [shutil.rmtree(r / "test" / c) for c in ("cat", "dog")], "no class folders"),
+    (lambda r: [shutil.rmtree(r / "test" / c) for c in ("cat", "dog")], r"0 class folder\(s\) \[\]"),
+    (lambda r: shutil.rmtree(r / "val" / "dog"), r"1 class folder\(s\) \['cat'\]; a classifier needs at least two"),
 ])
 def test_layout_errors_name_the_problem(tmp_path, breakage, message):
     root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
@@ -56,3 +57,13 @@ def test_empty_split_and_missing_root(tmp_path):
         open_split(root, "val", DataConfig())
     with pytest.raises(CatdogError, match="no such directory"):
         find_classes(tmp_path / "nowhere")
+
+
+def test_a_class_without_images_in_one_split_is_named(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
+    for f in (root / "test" / "dog").iterdir():
+        f.unlink()
+    (root / "test" / "dog" / "notes.txt").write_text("not an image")
+    assert len(open_split(root, "train", DataConfig(image_size=32))) == 4
+    with pytest.raises(CatdogError, match=f"class folder {root / 'test' / 'dog'}: no readable images"):
+        open_split(root, "test", DataConfig(image_size=32))

@@ -116,7 +116,7 @@ def test_training_not_finished_is_shown_as_missing(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     (run / "summary.json").unlink()
     summary = report([run], tmp_path / "report")
-    assert summary["runs"][0]["training"]["missing"] == f"run accelerate launch jobs/train.py --out {run} --resume"
+    assert summary["runs"][0]["training"]["missing"] == f"run accelerate launch jobs/train.py --out {run} --data DATA_ROOT --resume"
     assert summary["runs"][0]["architecture"]["missing"] == summary["runs"][0]["training"]["missing"]
     assert summary["runs"][0]["training"]["curve"]  # metrics.jsonl is still drawn
 

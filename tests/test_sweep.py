@@ -60,10 +60,10 @@ def data_of(run: Path) -> dict:
 
 def expected_accuracies(run: Path) -> dict:
     """Each cell fitted serially, in this process: (k, classifier) -> (test, val)."""
-    cfg = load_config(run / "config.yaml")
+    config = load_config(run / "config.yaml")
     data, order = data_of(run), np.array([INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE])
     out = {}
-    for cell in sweep_cells(cfg.sweep, DIM):
+    for cell in sweep_cells(config.sweep, DIM):
         result = fit_cell(data, order[:cell.n_features], build_estimator(cell.spec))
         out[(str(cell.k), cell.classifier)] = (result["test_accuracy"], result["val_accuracy"])
     return out
@@ -103,12 +103,12 @@ def test_grid_caps_k_at_the_feature_count():
 
 def test_sweep_writes_every_cell_and_a_rerun_computes_only_missing_ones(ray_local, sweep_run, tmp_path):
     run = copy_run(sweep_run, tmp_path)
-    cfg = load_config(run / "config.yaml")
-    rows = run_sweep(run, cfg)
+    config = load_config(run / "config.yaml")
+    rows = run_sweep(run, config)
     assert accuracies(rows) == expected_accuracies(run)
     assert [row["n_features"] for row in rows] == ["1", "4", str(DIM)] * 2
     assert (run / "sweep" / "accuracy_vs_k.png").stat().st_size > 10_000
-    assert load_config(run / "sweep" / "config.yaml") == cfg
+    assert load_config(run / "sweep" / "config.yaml") == config
 
     results = run / "sweep" / "results.csv"
     write_results(results, [row for row in rows if (row["k"], row["classifier"]) not in {("4", "rf"), ("all", "lr")}])
@@ -119,7 +119,7 @@ def test_sweep_writes_every_cell_and_a_rerun_computes_only_missing_ones(ray_loca
         (calls / f"{type(estimator).__name__}-{len(feature_idx)}").touch()
         return fit_cell(data, feature_idx, estimator)
 
-    again = run_sweep(run, cfg, fit=counting_fit)
+    again = run_sweep(run, config, fit=counting_fit)
     assert sorted(p.name for p in calls.iterdir()) == ["LogisticRegression-16", "RandomForestClassifier-4"]
     assert accuracies(again) == accuracies(rows)
     assert accuracies(read_results(results)) == accuracies(rows)

@@ -72,12 +72,12 @@ def test_search_over_shards_on_ray_equals_brute_force(ray_local, topact_run):
 
 def test_montages_and_index(ray_local, topact_run, tmp_path):
     run = Path(shutil.copytree(topact_run[0], tmp_path / "run"))
-    cfg = load_config(None, OVERRIDES)
-    index = run_topact(run, topact_run[1], cfg)
+    config = load_config(None, OVERRIDES)
+    index = run_topact(run, topact_run[1], config)
 
     out = run / "topact"
     assert json.loads((out / "index.json").read_text()) == index
-    assert load_config(out / "config.yaml") == cfg
+    assert load_config(out / "config.yaml") == config
     store = FeatureStore(run / "features")
     features, labels, paths = store.features("train"), store.labels("train"), store.paths("train")
     for name in CLASSES:
