@@ -8,7 +8,8 @@
 #
 #   --data       data root with {train,test,val}/<class>/ (default data/cats_vs_dogs; prepared when absent)
 #   --source     a PetImages or Kaggle folder to prepare --data from (default: download PetImages when online)
-#   --models     default resnet101,convnext_tiny when their ImageNet weights can be had, else efficientnet_lite0
+#   --models     configs/<NAME>.yaml or any timm model name (default recipe); default resnet101,convnext_tiny
+#                when their ImageNet weights can be had, else efficientnet_lite0
 #   --out        where run directories, Grad-CAM and the report go (default runs)
 #   --processes  accelerate processes for training and extraction (default: one per GPU, or 1 on the CPU)
 #   --set        a config override passed to every job, e.g. --set optim.epochs=1 (repeatable)
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --source) SOURCE=$2; shift 2 ;;
     --processes) PROCESSES=$2; shift 2 ;;
     --set) SETS+=("$2"); shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +48,7 @@ elif ! python jobs/prepare.py --download --out "$DATA"; then
 fi
 
 if [ -z "$MODELS" ]; then
-  if [ "$(python jobs/models.py --available resnet101 convnext_tiny)" = "resnet101 convnext_tiny" ]; then
+  if [ "$(python jobs/models.py --available resnet101.tv2_in1k convnext_tiny)" = "resnet101.tv2_in1k convnext_tiny" ]; then
     MODELS=resnet101,convnext_tiny
     echo "models: resnet101, convnext_tiny (ImageNet weights reachable)"
   else
@@ -73,8 +74,10 @@ for model in "${MODEL_LIST[@]}"; do
     skip train "$MARKER"
   elif done_stage "$run" resume; then
     "${LAUNCH[@]}" jobs/train.py --out "$run" --data "$DATA" --resume ${SETS[@]+"${SETS[@]}"}
-  else
+  elif [ -f "configs/$model.yaml" ]; then
     "${LAUNCH[@]}" jobs/train.py --config "configs/$model.yaml" --data "$DATA" --out "$run" ${SETS[@]+"${SETS[@]}"}
+  else  # any timm model: the default recipe
+    "${LAUNCH[@]}" jobs/train.py --data "$DATA" --out "$run" "model.name=$model" ${SETS[@]+"${SETS[@]}"}
   fi
 done
 

@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from catdog import models
-from catdog.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from catdog.config import DataConfig
 from catdog.data import build_transform, find_classes, open_split
 
-CANDIDATES = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception (0.5, 0.5)": ((0.5,) * 3, (0.5,) * 3)}
+CANDIDATES = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception (0.5, 0.5)": ((0.5,) * 3, (0.5,) * 3)}
 IMAGENET_CATS, IMAGENET_DOGS = range(281, 286), range(151, 269)
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     network = models.imagenet_backbone("efficientnet_lite0").eval()
     for name, (mean, std) in CANDIDATES.items():
-        data = DataConfig(mean=mean, std=std)
+        data = models.data_config("efficientnet_lite0", DataConfig(mean=mean, std=std))
         line = f"{name:22s}"
         try:
             from PIL import Image

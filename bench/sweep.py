@@ -1,4 +1,4 @@
-"""Sweep speed: the seed's serial loop against catdog's Ray sweep, on the same cells, in one run.
+"""Sweep speed: the seed's serial loop against catdog's Ray Tune sweep, on the same cells, in one run.
 
     python bench/sweep.py --run RUN_DIR [--address HEAD:6379] [sweep.ks=[10,100,all]]
 
@@ -8,9 +8,11 @@ in this process, cell after cell; a random forest uses scikit-learn's default ``
 both sides, unless the config sets ``n_jobs``. Ray runs one cell per CPU, and its workers have
 OMP_NUM_THREADS=1, while the serial loop's BLAS (logistic regression) may use every core. Ray's start-up and
 a warm-up (a task per CPU, so every worker has imported scikit-learn, as on a long-lived cluster) are
-timed apart and left out of the ratio; putting the features into the object store is included.
-Writes nothing into the run directory.
+timed apart and left out of the ratio; putting the features into the object store is included, and so is
+Tune's own overhead (a trial actor per cell, experiment bookkeeping). Tune's experiment goes to a temporary
+folder: writes nothing into the run directory.
 """
+import tempfile
 import time
 
 import ray
@@ -22,7 +24,7 @@ from catdog.cluster import ray_session
 from catdog.ranking import read_ranking
 from catdog.run import RunDir
 from catdog.store import FeatureStore
-from catdog.sweep import build_estimator, compute_cells, load_split_data, sweep_cells
+from catdog.sweep import build_estimator, load_split_data, run_tune, sweep_cells
 
 
 @ray.remote(num_cpus=1)
@@ -56,7 +58,7 @@ def main() -> None:
     store = FeatureStore(run.features_dir)
     data = load_split_data(store)
     order = read_ranking(run, config.sweep.ranking, store.feature_dim)
-    estimators = {name: build_estimator(spec) for name, spec in config.sweep.classifiers.items()}
+    estimators = {cell.classifier: build_estimator(cell.spec) for cell in sweep_cells(config.sweep, store.feature_dim)}
     cells = sweep_cells(config.sweep, store.feature_dim)
     print(f"{len(cells)} cells: k in {config.sweep.ks} x {list(estimators)}; train/test/val "
           f"{len(data['train'][1])}/{len(data['test'][1])}/{len(data['val'][1])} rows, {store.feature_dim} features")
@@ -75,8 +77,11 @@ def main() -> None:
         ray.get([warm_up.remote() for _ in range(cpus)])
         warm_up_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        parallel = {(str(cell.k), cell.classifier): (result["test_accuracy"], result["val_accuracy"])
-                    for cell, result in compute_cells(data, order, cells, config.sweep.max_retries)}
+        finished: dict = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            run_tune(RunDir(scratch), data, order, cells, cells, config.sweep.max_retries, finished, lambda: None)
+        parallel = {(row["k"], row["classifier"]): (float(row["test_accuracy"]), float(row["val_accuracy"]))
+                    for row in finished.values()}
         ray_seconds = time.perf_counter() - start
 
     print(f"\n{'k':>6} {'classifier':>10} {'serial test':>12} {'ray test':>9} {'serial val':>11} {'ray val':>8}")

@@ -6,13 +6,27 @@ sets a pixel to the normalisation mean (0 in the normalised tensor, every channe
 thresholds uniform noise drawn at the CAM layer's resolution and upsampled like a CAM, so both removals
 cover blobs of a similar size rather than salient blobs against scattered single pixels.
 
+The same sample is scored with grad-cam's own metrics (``pytorch_grad_cam.metrics``), on the target class's
+softmax probability: ROAD (Rong et al. 2022) most-relevant-first and least-relevant-first at each of
+``road_percentiles`` (pixels replaced by grad-cam's noisy linear imputation, not a constant) and their combined
+score, and ``CamMultImageConfidenceChange`` (the probability change when the image is multiplied by its CAM).
+
+Sanity check (Adebayo et al. 2018, cascading model-parameter randomisation): the network's parameterised units
+(``cascade_units``: its top-level modules, containers opened one level) are randomised one after another from
+the classifier down to the stem, each parameter tensor redrawn as seeded Gaussian noise of its own mean and
+standard deviation (BatchNorm statistics kept). After each step the CAMs of a seeded per-class sample are
+recomputed for the same target classes and compared with the trained model's by Spearman rank correlation per
+image. A method is flagged when its maps barely change (``sanity_flags``).
+
 Each (run, method) result is kept in ``OUT/gradcam/parts/`` with what it was computed from, so a rerun after
 a kill, or with a method added, only computes what is missing.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +35,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
                               XGradCAM)
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from scipy.stats import rankdata
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -30,7 +48,7 @@ from catdog.config import Config, DataConfig, GradcamConfig, save_config
 from catdog.data import ImageDataset, find_classes, load_rgb, open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
-from catdog.models import Network, get_spec
+from catdog.models import Network, cam_layer_name
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -48,6 +66,7 @@ METHODS = {
 }
 REMOVAL = "set to the normalisation mean (0 after normalisation)"
 RANDOM_BASELINE = "uniform noise at the CAM layer's resolution, upsampled like a CAM, its highest pixels removed"
+ROAD_IMPUTATION = "grad-cam's NoisyLinearImputer (each removed pixel from its neighbours, plus noise 0.01)"
 DISPLAY_SIZE = 224
 """Side of each square grid cell, in pixels (photos are squashed to a square like the eval transform)."""
 
@@ -58,9 +77,10 @@ def stage_dir(out: str | os.PathLike) -> Path:
 
 
 def completed_summary(out: str | os.PathLike, run_paths: list[str | os.PathLike]) -> Path | None:
-    """``OUT/gradcam/summary.json`` when it exists and covers exactly these runs, else None."""
+    """``OUT/gradcam/summary.json`` when it exists and covers exactly these runs, else None (also for a summary
+    written before ROAD and the sanity check existed)."""
     path = stage_dir(out) / "summary.json"
-    if not path.is_file():
+    if not path.is_file() or "sanity_threshold" not in read_json(path):
         return None
     covered = sorted(Path(model["run"]).resolve() for model in read_json(path)["models"])
     return path if covered == sorted(Path(run).resolve() for run in run_paths) else None
@@ -151,6 +171,170 @@ def class_activation_maps(network: Network, method: str, images: torch.Tensor, t
     return maps
 
 
+def ranked(cams: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each map replaced by its pixels' ranks scaled to [0, 1], ties (e.g. the zeros of a ReLU'd CAM) broken at
+    random: the same order, so that ROAD's percentile thresholds remove exactly the stated share of pixels (with
+    ties, grad-cam's strict ``cam < threshold`` can remove every pixel, and imputing a whole image takes seconds)."""
+    flat = cams.reshape(len(cams), -1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for row, values in enumerate(flat):
+        order = np.lexsort((rng.random(values.size), values))
+        out[row, order] = np.arange(values.size, dtype=np.float32) / max(values.size - 1, 1)
+    return out.reshape(cams.shape)
+
+
+def road_scores(network: Network, images: torch.Tensor, cams: np.ndarray, targets: torch.Tensor,
+                percentiles: list[int], seed: int, before: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """grad-cam's ROAD on a batch: ``morf`` and ``lerf`` (P, B), the change of each image's target probability
+    (after minus before) when its most / least relevant pixels are imputed, one row per percentile.
+
+    The imputer adds ``torch.randn`` noise, drawn after ``torch.manual_seed(seed)`` without touching the global
+    generator, in the order grad-cam's ``ROADCombined`` draws it (every LeRF, then every MoRF), so that
+    ``(lerf.mean(0) - morf.mean(0)) / 2`` equals ``ROADCombined(percentiles)`` after the same seed.
+    ``before``: the target probabilities of the unchanged images, when already known.
+    """
+    softmax_targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
+    if before is None:
+        picked = torch.arange(len(images), device=images.device)
+        before = probabilities(network, images)[picked, targets.to(images.device)].cpu().numpy()
+    with torch.random.fork_rng(devices=[]):  # return_diff=False: the probability before is computed once, above
+        torch.manual_seed(seed)
+        lerf = [ROADLeastRelevantFirst(p)(images, cams, softmax_targets, network, return_diff=False) - before
+                for p in percentiles]
+        morf = [ROADMostRelevantFirst(p)(images, cams, softmax_targets, network, return_diff=False) - before
+                for p in percentiles]
+    return {"morf": np.stack(morf), "lerf": np.stack(lerf)}
+
+
+def confidence_change(network: Network, images: torch.Tensor, cams: np.ndarray, targets: torch.Tensor) -> np.ndarray:
+    """grad-cam's ``CamMultImageConfidenceChange``: per image, the target probability of the image multiplied by
+    its CAM minus that of the image (near 0 or above: the CAM keeps what the model needs)."""
+    softmax_targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
+    return np.asarray(CamMultImageConfidenceChange()(images, cams, softmax_targets, network), dtype=np.float64)
+
+
+def road_summary(morf: np.ndarray, lerf: np.ndarray, percentiles: list[int]) -> dict:
+    """Means over images of the (P, N) ROAD scores: per percentile, averaged over percentiles, and combined."""
+    return {"percentiles": list(percentiles),
+            "morf": {str(p): float(v) for p, v in zip(percentiles, morf.mean(axis=1))},
+            "lerf": {str(p): float(v) for p, v in zip(percentiles, lerf.mean(axis=1))},
+            "morf_mean": float(morf.mean()), "lerf_mean": float(lerf.mean()),
+            "combined": float(((lerf.mean(axis=0) - morf.mean(axis=0)) / 2).mean())}
+
+
+def cascade_units(network: nn.Module, image_size: int) -> list[tuple[str, nn.Module]]:
+    """The units a cascading randomisation destroys, from the output down: the top-level modules of the network's
+    backbone (containers such as ``blocks`` or ``layer4`` opened one level) that have parameters, ordered by when a
+    forward pass first reaches them, last first."""
+    root = getattr(network, "backbone", network)
+    units = []
+    for name, child in root.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            units += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            units.append((name, child))
+    units = [(name, module) for name, module in units if any(True for _ in module.parameters())]
+    order: dict[int, int] = {}
+
+    def reached(index: int):
+        def hook(module, args) -> None:  # a pre-hook that returned a value would replace the input
+            order.setdefault(index, len(order))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(reached(i)) for i, (_, module) in enumerate(units)]
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, image_size, image_size, device=next(network.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [units[i] for i in sorted(order, key=order.get, reverse=True)]
+
+
+@torch.no_grad()
+def randomise(module: nn.Module, generator: torch.Generator) -> None:
+    """Replace every parameter tensor of ``module`` by Gaussian noise of its own mean and standard deviation."""
+    for parameter in module.parameters():
+        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+        std = parameter.float().std() if parameter.numel() > 1 else parameter.float().abs()
+        parameter.copy_((noise * std + parameter.float().mean()).to(parameter.dtype))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each pair of maps (B, H, W); 0 where either map is constant (it ranks
+    nothing, so it keeps none of the other's order)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    out = np.zeros(len(a))
+    for i, (x, y) in enumerate(zip(a, b)):
+        if np.ptp(x) > 0 and np.ptp(y) > 0:
+            out[i] = np.corrcoef(rankdata(x), rankdata(y))[0, 1]
+    return out
+
+
+def sanity_check(network: Network, method: str, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
+                 image_size: int, bar=None) -> list[dict]:
+    """Cascading randomisation over ``batches`` of (images, target classes): per step (``trained``, then each
+    unit from the top, cumulatively), the mean and standard deviation over the images of the Spearman
+    correlation of their CAMs with the trained model's, and how many of the step's maps are constant."""
+    def cams(model: nn.Module) -> np.ndarray:
+        maps = []
+        for images, targets in batches:
+            maps.append(class_activation_maps(model, method, images, targets))
+            if bar is not None:
+                bar.update(len(images))
+        return np.concatenate(maps)
+
+    reference = cams(network)
+    steps = [{"layer": "trained", "spearman": 1.0, "spearman_std": 0.0,
+              "constant_maps": int((np.ptp(reference.reshape(len(reference), -1), axis=1) == 0).sum())}]
+    randomised = copy.deepcopy(network)
+    generator = torch.Generator().manual_seed(seed)
+    for name, unit in cascade_units(randomised, image_size):
+        randomise(unit, generator)
+        maps = cams(randomised)
+        rho = spearman(reference, maps)
+        steps.append({"layer": name, "spearman": float(rho.mean()), "spearman_std": float(rho.std()),
+                      "constant_maps": int((np.ptp(maps.reshape(len(maps), -1), axis=1) == 0).sum())})
+    return steps
+
+
+def sanity_flags(steps: list[dict], threshold: float) -> list[str]:
+    """Why a method fails the sanity check (an empty list when it passes): its maps keep a mean Spearman
+    correlation of at least ``threshold`` once every unit is randomised, or once the classifier alone is."""
+    flags = []
+    if len(steps) > 1 and steps[1]["spearman"] >= threshold:
+        flags.append(f"maps barely change when the classifier ({steps[1]['layer']}) is randomised "
+                     f"(Spearman {steps[1]['spearman']:.2f} >= {threshold:g}): they ignore what the head learned")
+    if len(steps) > 1 and steps[-1]["spearman"] >= threshold:
+        flags.append(f"maps barely change when every layer is randomised (Spearman {steps[-1]['spearman']:.2f} "
+                     f">= {threshold:g}): they show the image more than the model")
+    return flags
+
+
+def draw_sanity(models: list[dict], threshold: float, path: Path) -> None:
+    """Spearman correlation with the trained model's CAMs against the randomisation step, a panel per model and a
+    line per method, with the flag threshold dashed."""
+    figure = Figure(figsize=(max(6.0, 0.38 * max(len(m["sanity_layers"]) for m in models) + 2), 3.6 * len(models)),
+                    layout="constrained")
+    axes = figure.subplots(len(models), 1, squeeze=False)[:, 0]
+    for axis, model in zip(axes, models):
+        layers = model["sanity_layers"]
+        for method, score in model["methods"].items():
+            steps = score["sanity"]
+            mean = np.array([s["spearman"] for s in steps])
+            std = np.array([s["spearman_std"] for s in steps])
+            line, = axis.plot(range(len(steps)), mean, "o-", markersize=3, label=method)
+            axis.fill_between(range(len(steps)), mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        axis.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"flag at {threshold:g}")
+        axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        axis.set(ylabel="Spearman vs trained", ylim=(-0.3, 1.05),
+                 title=f"{model['model']} ({Path(model['run']).name}): randomised from the top down to each layer")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
 def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig) -> DataLoader:
     return DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=data.num_workers)
 
@@ -178,30 +362,68 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
     device, size = next(network.parameters()).device, data.image_size
     grid = layer_grid(network, size)
     rng = np.random.default_rng([cfg.seed, 1])
-    before, after_salient, after_random, predictions = [], [], [], []
-    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data):
+    before, after_salient, after_random, predictions, morf, lerf, change = [], [], [], [], [], [], []
+    seconds = dict.fromkeys(("cams", "salient_vs_random", "road", "confidence_change"), 0.0)
+    for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data)):
         images, labels = images.to(device), labels.to(device)
+        start = time.perf_counter()
         probs = probabilities(network, images)
         targets = labels if cfg.target == "true" else probs.argmax(dim=1)
-        salient = top_fraction_mask(class_activation_maps(network, method, images, targets), cfg.removal_fraction, rng)
+        cams = class_activation_maps(network, method, images, targets)
+        seconds["cams"] += time.perf_counter() - start
+        start = time.perf_counter()
+        salient = top_fraction_mask(cams, cfg.removal_fraction, rng)
         random = top_fraction_mask(random_saliency(len(images), grid, size, rng), cfg.removal_fraction, rng)
         picked = torch.arange(len(images), device=device)
         before.append(probs[picked, targets].cpu().numpy())
         after_salient.append(probabilities(network, remove_pixels(images, salient))[picked, targets].cpu().numpy())
         after_random.append(probabilities(network, remove_pixels(images, random))[picked, targets].cpu().numpy())
+        seconds["salient_vs_random"] += time.perf_counter() - start
+        start = time.perf_counter()
+        road = road_scores(network, images, ranked(cams, rng), targets, cfg.road_percentiles,
+                           int(np.random.default_rng([cfg.seed, 2, batch]).integers(2 ** 31)), before=before[-1])
+        morf.append(road["morf"])
+        lerf.append(road["lerf"])
+        seconds["road"] += time.perf_counter() - start
+        start = time.perf_counter()
+        change.append(confidence_change(network, images, cams, targets))
+        seconds["confidence_change"] += time.perf_counter() - start
         predictions += [dataset.classes[int(i)] for i in probs.argmax(dim=1)]
         bar.update(len(images))
     score = faithfulness(np.concatenate(before), np.concatenate(after_salient), np.concatenate(after_random))
-    return {**score, "cam_grid": list(grid), "predictions": predictions}
+    return {**score, "road": road_summary(np.concatenate(morf, axis=1), np.concatenate(lerf, axis=1),
+                                          cfg.road_percentiles),
+            "confidence_change": float(np.concatenate(change).mean()), "cam_grid": list(grid),
+            "predictions": predictions, "seconds": seconds}
+
+
+def _sanity(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
+            data: DataConfig, bar: tqdm) -> list[dict]:
+    """The cascading randomisation on the sanity sample (one batch), for the trained model's target classes."""
+    device, batches = next(network.parameters()).device, []
+    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data):
+        images, labels = images.to(device), labels.to(device)
+        batches.append((images, labels if cfg.target == "true" else probabilities(network, images).argmax(dim=1)))
+    return sanity_check(network, method, batches, cfg.seed, data.image_size, bar)
 
 
 def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: list[int], faith_rows: list[int],
-             cfg: GradcamConfig, data: DataConfig, desc: str) -> tuple[dict, np.ndarray]:
-    """One model and method: the grid's maps and predictions, and the faithfulness score."""
-    with progress_bar(total=len(grid_rows) + len(faith_rows), desc=desc, unit="img") as bar:
+             sanity_rows: list[int], cfg: GradcamConfig, data: DataConfig, desc: str) -> tuple[dict, np.ndarray]:
+    """One model and method: the grid's maps and predictions, the faithfulness scores and the sanity check."""
+    steps = 1 + len(cascade_units(network, data.image_size))
+    cpu = time.process_time()
+    with progress_bar(total=len(grid_rows) + len(faith_rows) + steps * len(sanity_rows), desc=desc,
+                      unit="img") as bar:
+        start = time.perf_counter()
         maps, grid_predictions = _grid(network, method, dataset, grid_rows, cfg, data, bar)
+        grid_seconds = time.perf_counter() - start
         result = _faithfulness(network, method, dataset, faith_rows, cfg, data, bar)
-    return {**result, "grid_predictions": grid_predictions}, maps
+        start = time.perf_counter()
+        sanity = _sanity(network, method, dataset, sanity_rows, cfg, data, bar)
+        result["seconds"].update(grid=grid_seconds, sanity=time.perf_counter() - start)
+    result["seconds"]["total"] = sum(result["seconds"].values())
+    result["cpu_seconds"] = time.process_time() - cpu  # every thread of this process; steadier than wall time
+    return {**result, "grid_predictions": grid_predictions, "sanity": sanity}, maps
 
 
 def _identity(run: RunDir, method: str, data_root: Path, cfg: GradcamConfig, data: DataConfig) -> dict:
@@ -264,6 +486,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
     reference = open_split(data_root, "val", config.data, classes=classes)
     grid_rows = sample_per_class(reference.labels, cfg.images_per_class, cfg.seed)
     faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
+    sanity_rows = sample_per_class(reference.labels, cfg.sanity_images_per_class, cfg.seed + 1)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, columns = [], []
@@ -273,7 +496,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         dataset = open_split(data_root, "val", data, classes=classes)
         network = None
         entry = {"run": str(run.path), "model": model_name, "image_size": data.image_size,
-                 "cam_layer": get_spec(model_name).cam_layer, "methods": {}}
+                 "cam_layer": cam_layer_name(model_name, run_config.model.cam_layer), "methods": {}}
         for method in cfg.methods:
             part = stage / "parts" / f"{number:02d}-{run.path.name}-{method}"
             identity = _identity(run, method, data_root, cfg, data)
@@ -284,7 +507,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
             else:
                 if network is None:
                     network = run.load_model()[0].to(device)
-                result, maps = _explain(network, method, dataset, grid_rows, faith_rows, cfg, data,
+                result, maps = _explain(network, method, dataset, grid_rows, faith_rows, sanity_rows, cfg, data,
                                         desc=f"{run.path.name} {method}")
                 with atomic_path(maps_path) as tmp:
                     with open(tmp, "wb") as handle:
@@ -293,7 +516,10 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
                 write_json(json_path, result)
             entry.update(grid_predictions=result["grid_predictions"], predictions=result["predictions"])
             entry["methods"][method] = {key: result[key] for key in
-                                        ("salient_drop", "random_drop", "salient_wins", "mean_confidence", "n_images")}
+                                        ("salient_drop", "random_drop", "salient_wins", "mean_confidence", "n_images",
+                                         "road", "confidence_change", "seconds", "cpu_seconds", "sanity")}
+            entry["methods"][method]["sanity_flags"] = sanity_flags(result["sanity"], cfg.sanity_threshold)
+            entry["sanity_layers"] = [step["layer"] for step in result["sanity"]]
             columns.append({"title": f"{model_name} ({run.path.name})\n{method}", "maps": maps,
                             "predictions": result["grid_predictions"]})
         models.append(entry)
@@ -301,6 +527,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
     photos = [_photo(reference.samples[i].path) for i in grid_rows]
     titles = [f"{classes[reference.samples[i].label]}: {reference.samples[i].path.name}" for i in grid_rows]
     draw_grid(photos, titles, columns, stage / "grid.png")
+    draw_sanity(models, cfg.sanity_threshold, stage / "sanity.png")
     summary = {
         "data": str(data_root),
         "split": "val",
@@ -309,6 +536,10 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         "removal": REMOVAL,
         "removal_fraction": cfg.removal_fraction,
         "random_baseline": RANDOM_BASELINE,
+        "road_percentiles": list(cfg.road_percentiles),
+        "road_imputation": ROAD_IMPUTATION,
+        "sanity_threshold": cfg.sanity_threshold,
+        "sanity_images": [reference.relative_path(i) for i in sanity_rows],
         "grid_images": [reference.relative_path(i) for i in grid_rows],
         "faithfulness_images": [reference.relative_path(i) for i in faith_rows],
         "models": models,

@@ -3,16 +3,133 @@ with ``ray start`` (as on the head node under ``ray submit``), else a local Ray 
 
 Under ``ray job submit`` Ray sets ``RAY_ADDRESS`` for the driver, so the same job runs unchanged on a
 laptop and on a cluster.
+
+An address is checked before Ray is asked to connect (Ray itself retries an unreachable GCS for about a
+minute, then raises a traceback): an explicit address (``--address``, ``RAY_ADDRESS``) that does not answer
+within ``CONNECT_TIMEOUT_S`` is a one-line ``CatdogError``; a cluster Ray merely *recorded* on this machine
+(``ray_current_cluster`` in Ray's temp folder, left behind when a ``ray start`` cluster dies without
+``ray stop``) that does not answer is skipped with a one-line warning, and a fresh local Ray is started.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+import time
 from typing import Iterator
 
 import ray
 
+from catdog.errors import CatdogError
+
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = float(os.environ.get("CATDOG_RAY_CONNECT_TIMEOUT", "10"))
+"""How long a Ray address may take to answer (TCP, then the gRPC handshake of Ray's GCS)."""
+
+
+def recorded_cluster_file() -> str:
+    """Where ``ray start`` records the last cluster started on this machine (``RAY_TMPDIR``, else
+    ``TMPDIR``, else /tmp, then ``ray/ray_current_cluster``), as Ray itself looks it up."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def recorded_cluster() -> str | None:
+    """The GCS address of the last ``ray start`` cluster on this machine, if Ray recorded one."""
+    try:
+        with open(recorded_cluster_file()) as handle:
+            address = handle.read().strip()
+    except OSError:
+        return None
+    return address or None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def gcs_problem(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why ``address`` (host:port) is not a reachable Ray GCS, or None when it answers like one.
+
+    A TCP connection, then an HTTP/2 (gRPC) handshake: a closed port, an unroutable host, and a port where
+    something else listens (the dashboard's HTTP port, say) each fail within ``timeout`` seconds.
+    """
+    parsed = _host_port(address)
+    if parsed is None:
+        return "not a host:port address"
+    host, port = parsed
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(max(0.5, deadline - time.monotonic()))
+            # the HTTP/2 client preface and an empty SETTINGS frame; a gRPC server answers with its SETTINGS
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            header = b""
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except socket.timeout:
+        return f"no answer within {timeout:.0f} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if len(header) < 9 or header[3] != 0x04:
+        return "something answers there, but not Ray's GCS (gRPC); give the GCS address, HEAD_IP:6379"
+    return None
+
+
+def resolve_address(address: str | None = None) -> str:
+    """The address to give ``ray.init``: checked explicit address, live recorded cluster, or ``"local"``."""
+    explicit, source = (address, "--address") if address else (os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
+    if explicit == "local":
+        return "local"
+    if explicit and explicit != "auto":
+        if explicit.startswith(("http://", "https://")):
+            raise CatdogError(f"{source}={explicit}: that is a dashboard (job submission) address; the job needs "
+                              "the cluster's GCS address, HEAD_IP:6379 (or submit it with ray job submit "
+                              f"--address {explicit} -- python jobs/...)")
+        if explicit.startswith("ray://"):
+            target = explicit[len("ray://"):]
+            problem = _tcp_problem(target)
+        else:
+            target = explicit
+            problem = gcs_problem(target)
+        if problem:
+            raise CatdogError(f"{source}={explicit}: cannot reach a Ray cluster there ({problem}); start the "
+                              f"cluster (ray start --head) or fix the address, or unset {source} to run on a "
+                              "local Ray")
+        return explicit
+    recorded = recorded_cluster()
+    if recorded:
+        problem = gcs_problem(recorded)
+        if problem is None:
+            return recorded
+        log.warning("ignoring the dead Ray cluster recorded in %s (%s: %s); starting a local Ray",
+                    recorded_cluster_file(), recorded, problem)
+    elif explicit == "auto":
+        raise CatdogError(f"{source}=auto: no Ray cluster was started on this machine (ray start --head); "
+                          "give its address or unset it to run on a local Ray")
+    return "local"
+
+
+def _tcp_problem(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    parsed = _host_port(address)
+    if parsed is None:
+        return "not a host:port address"
+    try:
+        socket.create_connection(parsed, timeout=timeout).close()
+    except socket.timeout:
+        return f"no answer within {timeout:.0f} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 @contextlib.contextmanager
@@ -22,10 +139,27 @@ def ray_session(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False)
+    target = resolve_address(address)
+    saved = os.environ.pop("RAY_ADDRESS", None) if target == "local" else None
+    try:
+        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, ray.exceptions.RpcError, ray.exceptions.AuthenticationError, RuntimeError) as exc:
+        raise CatdogError(f"Ray at {target}: cannot connect ({' '.join(str(exc).split())[:300]})") from None
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
     log.info("Ray at %s: %d node(s), %d CPU(s)", ray.get_runtime_context().gcs_address,
-             len(ray.nodes()), int(ray.cluster_resources().get("CPU", 0)))
+             len([n for n in ray.nodes() if n["Alive"]]), int(ray.cluster_resources().get("CPU", 0)))
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def node_name() -> str:
+    """This process's node, as results record it: its IP address (the node id is in ``node_id()``)."""
+    return ray.util.get_node_ip_address()
+
+
+def node_id() -> str:
+    return ray.get_runtime_context().get_node_id()

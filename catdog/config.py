@@ -18,8 +18,6 @@ from catdog.io import write_text
 
 SPLITS = ("train", "test", "val")
 """The splits of a data root (``ROOT/<split>/<class>/``), in the order the stages use them."""
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
@@ -37,15 +35,22 @@ class ModelConfig(Section):
     drop_rate: Optional[float] = Field(None, ge=0, lt=1)
     freeze_stages: NonNegativeInt = 0
     """Freeze the stem and the next stages, this many in all (see each model's ``stages``); 0 trains everything."""
+    cam_layer: Optional[str] = None
+    """Grad-CAM target layer, a module path in the backbone (``layer4``); ``None`` finds the one that makes the
+    feature map."""
 
 
 class DataConfig(Section):
-    image_size: PositiveInt = 224
+    """Inputs. ``image_size``, ``interpolation``, ``mean`` and ``std`` left unset are taken from the model's
+    pretrained config when training starts (``catdog.models.data_config``) and recorded in the run's config.yaml."""
+
+    image_size: Optional[PositiveInt] = None
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
     hflip: bool = True
     rotation: float = Field(10.0, ge=0, le=180)
     """Maximum random rotation in degrees (0 turns it off)."""
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[PositiveFloat, PositiveFloat, PositiveFloat]] = None
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
     num_workers: NonNegativeInt = 2
@@ -169,6 +174,35 @@ class GradcamConfig(Section):
     """Share of pixels removed (set to the normalisation mean) for the faithfulness score."""
     seed: int = 0
     batch_size: PositiveInt = 8
+    road_percentiles: list[Annotated[int, Field(gt=0, lt=100)]] = Field([50, 70, 90], min_length=1)
+    """grad-cam's ROAD percentiles: at p, most-relevant-first imputes the pixels above the CAM's p-th percentile
+    and least-relevant-first those below its (100 - p)-th, so each removes (100 - p)% (50, 70, 90: 50/30/10%)."""
+    sanity_images_per_class: PositiveInt = 5
+    """Val images per class (seeded) whose CAMs are recomputed at each step of the parameter randomisation."""
+    sanity_threshold: float = Field(0.5, gt=0, lt=1)
+    """A method is flagged when its maps keep a mean Spearman correlation at least this high with the trained
+    model's after randomisation (of every layer, or of the classifier alone)."""
+
+
+class ConceptsConfig(Section):
+    concepts: PositiveInt = 5
+    """Concepts (NMF components) per class."""
+    split: str = "train"
+    """The split whose spatial maps are factorised (each class's images)."""
+    importance_split: str = "val"
+    """The split whose pooled features measure each concept's importance."""
+    batch_images: PositiveInt = 64
+    """Images per partial_fit batch (each of their spatial positions is a row)."""
+    passes: PositiveInt = 3
+    """Passes of MiniBatchNMF.partial_fit over the class's images."""
+    images_per_concept: PositiveInt = 10
+    """Regions in each concept's montage (one per image, the strongest)."""
+    random_directions: PositiveInt = 10
+    """Random non-negative directions of equal norm averaged for each concept's importance baseline."""
+    crop_cells: PositiveInt = 3
+    """Side of a montage crop, in cells of the spatial map (clipped to the map)."""
+    seed: int = 0
+    overlay_alpha: float = Field(0.5, ge=0, le=1)
 
 
 class Config(Section):
@@ -181,6 +215,7 @@ class Config(Section):
     sweep: SweepConfig = SweepConfig()
     topact: TopactConfig = TopactConfig()
     gradcam: GradcamConfig = GradcamConfig()
+    concepts: ConceptsConfig = ConceptsConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

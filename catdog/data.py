@@ -31,7 +31,9 @@ def find_classes(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> l
     for split in splits:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise CatdogError(f"data root {root}: missing split folder {split_dir}")
+            raise CatdogError(f"data root {root}: missing split folder {split_dir}; catdog picks the best epoch on test "
+                              "and reports val, so it needs train/, test/ and val/, each with one folder per class: "
+                              "move some images into it (jobs/prepare.py --source POOL splits a pool 80/10/10)")
         classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if len(classes) < 2:
             raise CatdogError(f"split {split_dir}: {len(classes)} class folder(s) {classes}; a classifier needs at "
@@ -97,8 +99,12 @@ def load_rgb(path: Path, size: int | None = None) -> Image.Image:
 
 
 def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
-    """The seed's recipe: Resize (square) [+ HFlip + Rotation] + ToTensor + normalisation."""
-    steps: list = [T.Resize((cfg.image_size, cfg.image_size))]
+    """The seed's recipe: Resize (square) [+ HFlip + Rotation] + ToTensor + normalisation, with the size,
+    interpolation and statistics resolved from the model (``catdog.models.data_config``)."""
+    unset = [key for key in ("image_size", "interpolation", "mean", "std") if getattr(cfg, key) is None]
+    if unset:
+        raise ValueError(f"data config not resolved ({', '.join(unset)} unset): use catdog.models.data_config")
+    steps: list = [T.Resize((cfg.image_size, cfg.image_size), interpolation=T.InterpolationMode(cfg.interpolation))]
     if train:
         if cfg.hflip:
             steps.append(T.RandomHorizontalFlip())

@@ -107,7 +107,7 @@ def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.Path
         network = network.to(memory_format=torch.channels_last)
     spatial_shape = _spatial_shape(network, config.data.image_size, accelerator.device) if cfg.spatial else None
     attrs = store_attrs(model=network.name, checkpoint_sha256=checkpoint_sha256,
-                        layer=f"backbone.{network.spec.cam_layer}", transform=transform,
+                        layer=f"backbone.{network.cam_layer_name}", transform=transform,
                         image_size=config.data.image_size, shard_size=cfg.shard_size, precision=precision,
                         classes=classes, feature_dim=network.feature_dim, spatial_shape=spatial_shape)
 

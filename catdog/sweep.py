@@ -1,36 +1,44 @@
-"""The top-k feature sweep: refit classifiers on the k features the forest ranks highest, one Ray task per cell.
+"""The top-k feature sweep: refit classifiers on the k features the forest ranks highest, as a Ray Tune experiment.
 
-A cell is one (k, classifier) pair. ``fit_cell`` is the pure core; ``compute_cells`` runs cells as Ray
-tasks, with the features put into the object store once (each node fetches them once, every task on it
-reads them from shared memory). ``run_sweep`` is the job: it appends each finished cell to
-``RUN/sweep/results.csv`` (rewritten atomically), so a rerun computes only the cells still missing, and
-draws ``RUN/sweep/accuracy_vs_k.png``. Ray workers import this module to run a cell, so it imports
-nothing heavy (no torch).
+A cell is one (k, classifier, hyperparameters) combination. ``fit_cell`` is the pure core. ``run_sweep`` is the
+job: a Tune ``Tuner`` with one ``grid_search`` over the cells still missing from ``RUN/sweep/results.csv``, one
+trial per cell (one CPU each), the features put into Ray's object store once (``tune.with_parameters``: each
+node fetches them once, every trial on it reads them from shared memory), Tune's experiment directory in
+``RUN/sweep/tune/grid``. Each finished trial is appended to results.csv (rewritten atomically, with the node
+that ran it); a rerun after a kill resumes the experiment with ``Tuner.restore`` (finished trials are not run
+again), and ``RUN/sweep/accuracy_vs_k.png`` is drawn last.
+
+Hyperparameters come from the config: a classifier parameter given as ``{grid_search: [v1, v2, ...]}`` (Tune's
+own spelling) becomes an axis of the grid, e.g. ``lr: {estimator: LogisticRegression, params: {C: {grid_search:
+[0.1, 1.0]}}}``; results.csv gets a ``param_<name>`` column per axis. Ray workers import this module to run a
+trial, so it imports nothing heavy (no torch; Ray Tune, which the trials run in anyway).
 """
 from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Union
 
 import numpy as np
 import ray
-from matplotlib.figure import Figure
+from ray import tune
 from ray.exceptions import RayTaskError
 from sklearn.base import ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
 from sklearn.utils import all_estimators
 
-from catdog.cluster import ray_session
+from catdog.cluster import node_id, node_name, ray_session, resolve_address
 from catdog.config import SPLITS, ClassifierSpec, Config, SweepConfig, save_config
 from catdog.errors import CatdogError
-from catdog.io import atomic_path
+from catdog.io import atomic_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
 from catdog.run import RunDir
@@ -40,8 +48,17 @@ log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ("k", "classifier", "n_features", "test_accuracy", "val_accuracy", "fit_seconds",
                   "estimator", "params", "ranking")
+"""The columns every results.csv has (older files have only these)."""
+RUN_COLUMNS = ("node", "node_id", "trial_id")
+"""Where each cell ran: the node's IP address and Ray node id, and its Tune trial."""
+EXPERIMENT = "grid"
+"""Tune's experiment name: its directory is ``RUN/sweep/tune/grid``."""
 SplitData = dict[str, tuple[np.ndarray, np.ndarray]]
 """``{"train": (X, y), "test": (X, y), "val": (X, y)}`` with X of shape (N, D)."""
+
+
+class SweepFailed(RuntimeError):
+    """Some cells failed even after their retries (worker or node deaths); a rerun resumes the experiment."""
 
 
 @functools.cache
@@ -75,60 +92,94 @@ def fit_cell(data: SplitData, feature_idx: np.ndarray, estimator: ClassifierMixi
 
 @dataclass(frozen=True)
 class Cell:
-    """One (k, classifier) pair of the grid; ``k`` as configured (an int or ``"all"``)."""
+    """One point of the grid; ``k`` as configured (an int or ``"all"``), ``spec`` with concrete parameters,
+    ``hyper`` the values this cell takes on the grid's hyperparameter axes (empty without axes)."""
 
     k: Union[int, str]
     classifier: str
     spec: ClassifierSpec
     n_features: int
     ranking: str
+    hyper: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> tuple[str, ...]:
         """What identifies a finished cell in results.csv (a changed parameter means a new cell)."""
         return (str(self.k), self.classifier, self.spec.estimator, _params_text(self.spec.params), self.ranking)
 
+    def as_config(self) -> dict:
+        """The cell as a Tune trial's config (plain values, shown in Tune's tables and result.json)."""
+        return {"k": self.k, "classifier": self.classifier, "estimator": self.spec.estimator,
+                "params": dict(self.spec.params), "n_features": self.n_features, "ranking": self.ranking,
+                "hyper": dict(self.hyper)}
+
 
 def _params_text(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def _is_axis(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"grid_search"} and isinstance(value["grid_search"], list)
+
+
+def expand_spec(name: str, spec: ClassifierSpec) -> list[tuple[ClassifierSpec, dict]]:
+    """A classifier's concrete parameter sets: the product of its ``{grid_search: [...]}`` parameters, in order."""
+    axes = {key: value["grid_search"] for key, value in spec.params.items() if _is_axis(value)}
+    for key, values in axes.items():
+        if not values:
+            raise CatdogError(f"sweep.classifiers.{name}.params.{key}: grid_search needs at least one value")
+    if not axes:
+        return [(spec, {})]
+    out = []
+    for combo in itertools.product(*axes.values()):
+        hyper = dict(zip(axes, combo))
+        out.append((ClassifierSpec(estimator=spec.estimator, params={**spec.params, **hyper}), hyper))
+    return out
+
+
 def sweep_cells(cfg: SweepConfig, feature_dim: int) -> list[Cell]:
-    """The grid: classifier by classifier, each with every k in the order listed; k is capped at the feature count."""
+    """The grid: classifier by classifier, each hyperparameter set with every k in the order listed; k is capped
+    at the feature count."""
     for k in cfg.ks:
         if k != "all" and k > feature_dim:
             log.warning("sweep.ks: k=%s exceeds the store's %d features; that cell uses all of them", k, feature_dim)
-    return [Cell(k, name, spec, feature_dim if k == "all" else min(k, feature_dim), cfg.ranking)
-            for name, spec in cfg.classifiers.items() for k in cfg.ks]
+    return [Cell(k, name, concrete, feature_dim if k == "all" else min(k, feature_dim), cfg.ranking, hyper)
+            for name, spec in cfg.classifiers.items() for concrete, hyper in expand_spec(name, spec)
+            for k in cfg.ks]
 
 
-def compute_cells(data: SplitData, order: np.ndarray, cells: list[Cell], max_retries: int,
-                  fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell
-                  ) -> Iterator[tuple[Cell, dict]]:
-    """Run each cell as a Ray task (one CPU each) and yield ``(cell, result)`` in the order they finish.
+def hyper_columns(cells_or_rows) -> list[str]:
+    """``param_<name>`` for every hyperparameter axis, in first-seen order."""
+    names: dict[str, None] = {}
+    for item in cells_or_rows:
+        if isinstance(item, Cell):
+            names.update(dict.fromkeys(f"param_{key}" for key in item.hyper))
+        else:
+            names.update(dict.fromkeys(key for key in item if key.startswith("param_")))
+    return list(names)
 
-    Cells with the most features are submitted first, so that the last ones to run are short. A task whose
-    worker or node dies is rerun up to ``max_retries`` times. Exceptions raised by the fit
-    itself are not retried: with fixed data and seeds they would only repeat.
-    """
-    task = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=False)(fit)
-    estimators = {cell.classifier: build_estimator(cell.spec) for cell in cells}
-    data_ref = ray.put(data)
-    pending = {task.remote(data_ref, order[:cell.n_features], estimators[cell.classifier]): cell
-               for cell in sorted(cells, key=lambda cell: -cell.n_features)}
-    with progress_bar(total=len(pending), desc="sweep cells", unit="cell") as bar:
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayTaskError as exc:
-                if isinstance(exc.cause, ValueError):
-                    raise CatdogError(f"sweep cell k={cell.k} {cell.classifier} ({cell.spec.estimator}, "
-                                      f"params {cell.spec.params}): {exc.cause}") from None
-                raise
-            bar.update()
-            yield cell, result
+
+def _config_key(config: dict) -> tuple[str, ...]:
+    c = config["cell"]
+    return (str(c["k"]), c["classifier"], c["estimator"], _params_text(c["params"]), c["ranking"])
+
+
+def _cell_trial(config: dict, data: SplitData, order: np.ndarray, estimators: dict, fit: Callable = fit_cell,
+                skip: frozenset = frozenset()) -> None:
+    """A Tune trial: fit one cell, report its scores and the node that ran it (once). The estimators come
+    built from the driver (by cell key), so a worker never resolves class names (scikit-learn's
+    ``all_estimators`` imports every module: seconds per trial). A cell in ``skip`` (already in results.csv
+    when a restored experiment still lists it as unfinished) reports at once, without a fit."""
+    cell, key = config["cell"], _config_key(config)
+    if key in skip:
+        tune.report({"done": True, "skipped": True})
+        return
+    try:
+        result = fit(data, order[:cell["n_features"]], estimators[key])
+    except (ValueError, CatdogError) as exc:  # the data or parameters: a retry would only repeat it
+        tune.report({"user_error": f"{type(exc).__name__}: {exc}", "done": False})
+        return
+    tune.report({**result, "node": node_name(), "node_id": node_id(), "done": True})
 
 
 def read_results(path: Path) -> list[dict]:
@@ -144,8 +195,9 @@ def read_results(path: Path) -> list[dict]:
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
+    columns = [*RESULT_COLUMNS, *hyper_columns(rows), *RUN_COLUMNS]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -153,7 +205,9 @@ def write_results(path: Path, rows: list[dict]) -> None:
 def result_row(cell: Cell, result: dict) -> dict:
     return {"k": str(cell.k), "classifier": cell.classifier, "n_features": cell.n_features,
             "estimator": cell.spec.estimator, "params": _params_text(cell.spec.params), "ranking": cell.ranking,
-            **result}
+            **{f"param_{key}": value for key, value in cell.hyper.items()},
+            **{key: result[key] for key in ("test_accuracy", "val_accuracy", "fit_seconds")},
+            **{key: result.get(key, "") for key in RUN_COLUMNS}}
 
 
 def _row_key(row: dict) -> tuple[str, ...]:
@@ -164,9 +218,131 @@ def load_split_data(store: FeatureStore) -> SplitData:
     return {split: (store.features(split), store.labels(split)) for split in SPLITS}
 
 
+def _cell_of(config: dict, cells: dict[tuple, Cell]) -> Cell | None:
+    return cells.get(_config_key(config))
+
+
+def _trial_name(trial) -> str:
+    c = trial.config["cell"]
+    hyper = "".join(f"_{key}={value}" for key, value in c["hyper"].items())
+    return f"{c['classifier']}_k={c['k']}{hyper}_{trial.trial_id}"
+
+
+class _Recorder(tune.Callback):
+    """Records each trial in results.csv as it finishes (on the driver). Tune pickles its run config into the
+    experiment: the pickled copy is inert, the live one is this process's."""
+
+    def __init__(self, cells: dict[tuple, Cell], finished: dict, save: Callable[[], None], bar):
+        self.cells, self.finished, self.save, self.bar = cells, finished, save, bar
+
+    def __getstate__(self):
+        return {"cells": {}, "finished": {}, "save": None, "bar": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        cell = _cell_of(trial.config, self.cells)
+        if cell is None or self.save is None or not result.get("done") or result.get("skipped"):
+            return
+        self.finished[cell.key] = result_row(cell, {**result, "trial_id": trial.trial_id})
+        self.save()
+        self.bar.update()
+
+
+def _failure(error: BaseException, config: dict) -> BaseException:
+    """A trial's error as the job reports it: a ValueError from the fit (bad data or parameters) is the user's,
+    a one-line CatdogError naming the cell; anything else (a worker that kept dying) is returned as it is."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ValueError, CatdogError)):
+            c = config["cell"]
+            return CatdogError(f"sweep cell k={c['k']} {c['classifier']} ({c['estimator']}, params {c['params']}): "
+                               f"{cause}")
+        cause = getattr(cause, "cause", None) if isinstance(cause, RayTaskError) else cause.__cause__
+    return error
+
+
+def run_tune(run: RunDir, data: SplitData, order: np.ndarray, todo: list[Cell], all_cells: list[Cell],
+             max_retries: int, finished: dict, save: Callable[[], None],
+             fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell) -> list[str]:
+    """Run the ``todo`` cells as the Tune experiment ``RUN/sweep/tune/grid`` (needs a Ray session), restoring
+    it when a run of the same cells was interrupted. Each result lands in ``finished`` (then ``save()``).
+    Returns the cells fitted by this call, as ``"<classifier and hyperparameters> k=<k> (<trial id>)"``."""
+    tune_dir = run.sweep_dir / "tune"
+    experiment = tune_dir / EXPERIMENT
+    cells_file = tune_dir / "cells.json"
+    by_key = {cell.key: cell for cell in all_cells}
+    skip = frozenset(key for key in finished if key in by_key)
+    estimators = {cell.key: build_estimator(cell.spec) for cell in all_cells}
+    trainable = tune.with_resources(tune.with_parameters(_cell_trial, data=data, order=order, estimators=estimators,
+                                                         fit=fit, skip=skip), {"cpu": 1})
+    # the experiment's state is saved at most a second behind, so a killed run resumes where it was
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    run_config = tune.RunConfig(
+        name=EXPERIMENT, storage_path=str(tune_dir.resolve()), verbose=0,
+        failure_config=tune.FailureConfig(max_failures=max_retries), callbacks=[])
+
+    planned = None
+    if cells_file.is_file() and tune.Tuner.can_restore(experiment):
+        planned = {tuple(key) for key in json.loads(cells_file.read_text())}
+    todo_keys = {cell.key for cell in todo}
+    with progress_bar(total=len(todo), desc="sweep cells", unit="cell") as bar:
+        run_config.callbacks = [_Recorder(by_key, finished, save, bar)]
+        if planned is not None and todo_keys <= planned <= set(by_key):
+            log.info("sweep: resuming the Tune experiment in %s (%d of its %d trials still to run)", experiment,
+                     len(todo_keys), len(planned))
+            tuner = tune.Tuner.restore(str(experiment.resolve()), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, restart_errored=True)
+            # restore brings back the run config it pickled (our callback inert in it): give it this process's.
+            # Tuner.restore has no public way to pass callbacks; without them (Ray Client mode) the rows are
+            # still written from the results once the experiment finishes.
+            internal = getattr(tuner, "_local_tuner", None)
+            if internal is not None:
+                internal._run_config.callbacks = run_config.callbacks
+        else:
+            if experiment.exists():
+                log.info("sweep: %s holds another grid; starting a new experiment", experiment)
+                shutil.rmtree(experiment)
+            tune_dir.mkdir(parents=True, exist_ok=True)
+            write_json(cells_file, [list(cell.key) for cell in todo])
+            ordered = sorted(todo, key=lambda cell: -cell.n_features)  # the longest fits first
+            # on a cluster, a fresh actor per trial: concurrent trials are placed over the nodes (reused actors
+            # keep taking the next trial on whichever node finished first); on one node, reuse saves start-ups
+            reuse = len([node for node in ray.nodes() if node["Alive"]]) == 1
+            tuner = tune.Tuner(trainable, param_space={"cell": tune.grid_search([c.as_config() for c in ordered])},
+                               tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=_trial_name,
+                                                           trial_name_creator=_trial_name),
+                               run_config=run_config)
+        before = set(finished)
+        results = tuner.fit()
+    ran, recovered, errors = [], set(), []
+    for result in results:
+        cell = _cell_of(result.config, by_key)
+        if result.error is not None:
+            errors.append(_failure(result.error, result.config))
+        elif result.metrics.get("user_error"):
+            c = result.config["cell"]
+            errors.append(CatdogError(f"sweep cell k={c['k']} {c['classifier']} ({c['estimator']}, params "
+                                      f"{c['params']}): {result.metrics['user_error']}"))
+        elif cell is not None and result.metrics.get("done") and not result.metrics.get("skipped"):
+            if cell.key not in finished:  # finished in an earlier, interrupted run: recorded by Tune only
+                finished[cell.key] = result_row(cell, {**result.metrics, "trial_id": result.metrics["trial_id"]})
+                recovered.add(cell.key)
+        if cell is not None and cell.key in finished and cell.key not in before | recovered:
+            ran.append(f"{_line_name(finished[cell.key])} k={cell.k} ({finished[cell.key]['trial_id']})")
+    save()
+    for error in errors:
+        if isinstance(error, CatdogError):
+            raise error
+    if errors:
+        raise SweepFailed(f"sweep: {len(errors)} cell(s) failed after {max_retries} retries (first: "
+                          f"{' '.join(str(errors[0]).split())[:300]}); rerun jobs/sweep.py to resume the "
+                          "experiment") from errors[0]
+    return ran
+
+
 def run_sweep(run_dir: str | os.PathLike, config: Config, address: str | None = None, verify: bool = False,
               fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell) -> list[dict]:
-    """The sweep job: compute the cells missing from ``RUN/sweep/results.csv`` on Ray, then plot.
+    """The sweep job: compute the cells missing from ``RUN/sweep/results.csv`` as a Tune experiment, then plot.
 
     Returns the rows of the grid in grid order. Rows of results.csv that belong to no cell of the current
     config (another k list, changed parameters) are dropped from the file.
@@ -175,40 +351,59 @@ def run_sweep(run_dir: str | os.PathLike, config: Config, address: str | None = 
     store = FeatureStore(run.features_dir, verify=verify)
     order = read_ranking(run, cfg.ranking, store.feature_dim)
     cells = sweep_cells(cfg, store.feature_dim)
-    for spec in cfg.classifiers.values():
-        build_estimator(spec)  # a misspelt name fails here, before results.csv is touched
+    for cell in cells:
+        build_estimator(cell.spec)  # a misspelt name fails here, before results.csv is touched
     results_path = run.sweep_results
+    done = {_row_key(row): row for row in read_results(results_path)}
+    todo = [cell for cell in cells if cell.key not in done]
+    if todo and not ray.is_initialized():
+        address = resolve_address(address)  # a bad address fails here, before anything is written
     save_config(config, run.sweep_dir / "config.yaml")
 
-    done = {_row_key(row): row for row in read_results(results_path)}
     finished = {cell.key: done[cell.key] for cell in cells if cell.key in done}
-    todo = [cell for cell in cells if cell.key not in finished]
     log.info("sweep: %d cell(s), %d already in %s, %d to compute", len(cells), len(finished), results_path, len(todo))
 
-    def grid_rows() -> list[dict]:
-        return [finished[cell.key] for cell in cells if cell.key in finished]
+    def save() -> None:
+        write_results(results_path, [finished[cell.key] for cell in cells if cell.key in finished])
 
-    write_results(results_path, grid_rows())
+    save()
     if todo:
         data = load_split_data(store)
         with ray_session(address):
-            for cell, result in compute_cells(data, order, todo, cfg.max_retries, fit):
-                finished[cell.key] = result_row(cell, result)
-                write_results(results_path, grid_rows())
+            ran = run_tune(run, data, order, todo, cells, cfg.max_retries, finished, save, fit)
+        log.info("sweep: trials fitted by this run: %d: %s", len(ran), "; ".join(ran))
     rows = read_results(results_path)
     plot_accuracy(rows, run.sweep_plot, title=f"ranking: {cfg.ranking}")  # last: marks the stage complete
     return rows
 
 
+def node_counts(rows: list[dict]) -> dict[str, int]:
+    """How many cells each node ran (``""`` for rows from before nodes were recorded)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.get("node", "")] = counts.get(row.get("node", ""), 0) + 1
+    return counts
+
+
+def _line_name(row: dict) -> str:
+    """A plot line / table label: the classifier and its hyperparameter values, e.g. ``lr C=0.1``."""
+    hyper = " ".join(f"{key[len('param_'):]}={value}" for key, value in row.items()
+                     if key.startswith("param_") and value not in ("", None))
+    return f"{row['classifier']} {hyper}".strip()
+
+
 def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
-    """Test (solid) and val (dashed) accuracy against the number of features, log scale, a line per classifier."""
+    """Test (solid) and val (dashed) accuracy against the number of features, log scale, a line per classifier
+    (and hyperparameter set)."""
+    from matplotlib.figure import Figure  # here: trial workers import this module and never plot
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    classifiers = list(dict.fromkeys(row["classifier"] for row in rows))
-    for i, name in enumerate(classifiers):
-        mine = sorted((row for row in rows if row["classifier"] == name), key=lambda row: int(row["n_features"]))
+    lines = list(dict.fromkeys(_line_name(row) for row in rows))
+    for i, name in enumerate(lines):
+        mine = sorted((row for row in rows if _line_name(row) == name), key=lambda row: int(row["n_features"]))
         x = [int(row["n_features"]) for row in mine]
-        colour = f"C{i}"
+        colour = f"C{i % 10}"
         ax.plot(x, [100 * float(row["test_accuracy"]) for row in mine], "o-", color=colour, label=f"{name} test")
         ax.plot(x, [100 * float(row["val_accuracy"]) for row in mine], "s--", color=colour, label=f"{name} val")
     ticks = sorted({int(row["n_features"]) for row in rows})
@@ -220,17 +415,20 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy vs number of features ({title})" if title else "Accuracy vs number of features")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(lines) > 3 else None)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
 
 def format_table(rows: list[dict]) -> str:
-    """The results as a text table with percentages, for the terminal."""
-    lines = [f"{'k':>6} {'classifier':>10} {'features':>8} {'test':>8} {'val':>8} {'fit s':>7}"]
+    """The results as a text table with percentages and the node that ran each cell, for the terminal."""
+    width = max([10, *(len(_line_name(row)) for row in rows)])
+    lines = [f"{'k':>6} {'classifier':>{width}} {'features':>8} {'test':>8} {'val':>8} {'fit s':>7}  node"]
     for row in rows:
-        lines.append(f"{row['k']:>6} {row['classifier']:>10} {row['n_features']:>8} "
+        lines.append(f"{row['k']:>6} {_line_name(row):>{width}} {row['n_features']:>8} "
                      f"{100 * float(row['test_accuracy']):>7.2f}% {100 * float(row['val_accuracy']):>7.2f}% "
-                     f"{float(row['fit_seconds']):>7.2f}")
+                     f"{float(row['fit_seconds']):>7.2f}  {row.get('node', '')}")
+    counts = node_counts(rows)
+    lines.append("cells per node: " + ", ".join(f"{node or '?'} {n}" for node, n in sorted(counts.items())))
     return "\n".join(lines)

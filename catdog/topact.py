@@ -3,8 +3,11 @@
 The features are each class's first ``features_per_class`` in the forest's per-class ranking. The pure
 core is a running top-k per feature (``update_topk``) and a merge of partial results (``merge_topk``):
 rows are ordered by activation, highest first, ties going to the lower row id, so the result equals a
-stable argsort over all images. Ray tasks each read one shard and return its partial top-k; the driver
-merges them as they arrive, so memory depends on the shard size and k, never on the number of images.
+stable argsort over all images. Ray tasks each search one shard and return its partial top-k; the driver
+reads each shard's chosen columns into Ray's object store (a bounded number ahead) and merges the partial
+results as they arrive, so memory depends on the shard size and k, never on the number of images, and no
+worker needs to see the run directory or the data root (the montages' images and spatial maps travel the
+same way, and the PNGs come back as bytes).
 
 Outputs in ``RUN/topact/``: a montage ``<class>-f<feature>.png`` per feature (its top images, each with
 the feature's spatial map upsampled and overlaid) and ``index.json`` (features, images, activations and
@@ -13,6 +16,8 @@ module to search a shard, so it imports nothing heavy (no torch).
 """
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ import ray
 from matplotlib.figure import Figure
 from PIL import Image
 
-from catdog.cluster import ray_session
+from catdog.cluster import ray_session, resolve_address
 from catdog.config import Config, TopactConfig, save_config
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json
@@ -66,34 +71,70 @@ def merge_topk(parts: Iterable[TopK]) -> TopK:
                  np.concatenate([p.rows for p in parts], axis=1), parts[0].k)
 
 
-def shard_topk(shard: str | os.PathLike, feature_idx: np.ndarray, k: int) -> tuple[TopK, dict[int, tuple[int, str]]]:
-    """One shard's top-k rows for the chosen features, and the label and path of each row in it."""
-    arrays = read_shard(shard)
-    top = update_topk(empty_topk(len(feature_idx), k), arrays["features"][:, feature_idx], arrays["row_ids"])
+def shard_topk(shard: dict[str, np.ndarray] | str | os.PathLike, feature_idx: np.ndarray | None, k: int
+               ) -> tuple[TopK, dict[int, tuple[int, str]]]:
+    """One shard's top-k rows for the chosen features, and the label and path of each row in it.
+
+    ``shard`` is the shard's arrays (``read_shard``'s, or ``shard_arrays``' with the chosen columns only, then
+    ``feature_idx`` is None) or a shard file.
+    """
+    arrays = read_shard(shard) if isinstance(shard, (str, os.PathLike)) else shard
+    values = arrays["features"] if feature_idx is None else arrays["features"][:, feature_idx]
+    top = update_topk(empty_topk(values.shape[1], k), values, arrays["row_ids"])
     position = {int(row): i for i, row in enumerate(arrays["row_ids"])}
     info = {int(row): (int(arrays["labels"][position[row]]), str(arrays["paths"][position[row]]))
             for row in np.unique(top.rows)}
     return top, info
 
 
-def search_top_activations(store: FeatureStore, split: str, feature_idx: np.ndarray, k: int
-                           ) -> tuple[TopK, dict[int, tuple[int, str]]]:
+def shard_arrays(path: str | os.PathLike, feature_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """What a search task needs of a shard: the chosen features' columns, row ids, labels and paths."""
+    arrays = read_shard(path)
+    arrays["features"] = np.ascontiguousarray(arrays["features"][:, feature_idx])
+    return arrays
+
+
+def _located(fn):
+    """``fn``'s result and the node that computed it (IP address, Ray node id)."""
+    from catdog.cluster import node_id, node_name
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return fn(*args, **kwargs), (node_name(), node_id())
+    return run
+
+
+def search_top_activations(store: FeatureStore, split: str, feature_idx: np.ndarray, k: int,
+                           in_flight: int | None = None) -> tuple[TopK, dict[int, tuple[int, str]], list[dict]]:
     """Each shard of ``split`` in a Ray task; partial results merged as they finish (needs a Ray session).
 
-    A task is retried when its worker dies or reading its shard fails (an OSError, e.g. a network filesystem).
+    The driver reads each shard's chosen columns and puts them in Ray's object store, so a task runs on any
+    node, whether or not it sees the run directory; at most ``in_flight`` shards (default: twice the cluster's
+    CPUs) are read ahead, so memory does not grow with the store. A task whose worker or node dies is rerun.
+    Returns the merged top-k, each top row's label and path, and per shard the node that searched it.
     """
-    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(shard_topk)
-    pending = [task.remote(str(shard), feature_idx, k) for shard in store.shards(split)]
-    top, info = empty_topk(len(feature_idx), k), {}
-    with progress_bar(total=len(pending), desc=f"top activations ({split})", unit="shard") as bar:
-        while pending:
-            [ref], pending = ray.wait(pending, num_returns=1)
-            part, part_info = ray.get(ref)
+    task = ray.remote(num_cpus=1, max_retries=3)(_located(shard_topk))
+    infos = store.shard_infos(split)
+    in_flight = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    top, info, nodes = empty_topk(len(feature_idx), k), {}, [None] * len(infos)
+    pending: dict = {}
+    queue = list(enumerate(infos))
+    with progress_bar(total=len(infos), desc=f"top activations ({split})", unit="shard") as bar:
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                i, shard = queue.pop(0)
+                ref = ray.put(shard_arrays(store.path / shard.file, feature_idx))
+                pending[task.remote(ref, None, k)] = i
+                del ref  # the task holds it; freed once the task is done
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            (part, part_info), (node, node_id) = ray.get(done)
             top = merge_topk([top, part])
             known = info | part_info
             info = {row: known[row] for row in np.unique(top.rows).tolist()}
+            nodes[i] = {"file": infos[i].file, "rows": infos[i].rows, "node": node, "node_id": node_id}
             bar.update()
-    return top, info
+    return top, info, nodes
 
 
 def class_shares(labels: list[int], classes: list[str]) -> dict[str, float]:
@@ -102,24 +143,35 @@ def class_shares(labels: list[int], classes: list[str]) -> dict[str, float]:
     return {name: float(counts[i] / max(1, len(labels))) for i, name in enumerate(classes)}
 
 
-def draw_montage(images: list[Image.Image], maps: np.ndarray, titles: list[str], suptitle: str, path: Path,
-                 colormap: str, alpha: float) -> None:
-    """Images in a grid (5 per line), each with its map upsampled to the image and overlaid on one shared scale."""
+def montage_png(images: list[np.ndarray], maps: np.ndarray, titles: list[str], suptitle: str, colormap: str,
+                alpha: float) -> bytes:
+    """Images (H, W, 3 uint8) in a grid (5 per line), each with its map upsampled to the image and overlaid on one
+    shared scale; the figure as PNG bytes."""
     cols = min(5, len(images))
     lines = math.ceil(len(images) / cols)
     fig = Figure(figsize=(2.6 * cols, 2.9 * lines + 0.4))
     vmin, vmax = min(0.0, float(maps.min())), max(float(maps.max()), 1e-6)
     for i, (image, heat, title) in enumerate(zip(images, maps, titles)):
         ax = fig.add_subplot(lines, cols, i + 1)
-        upsampled = Image.fromarray(heat.astype(np.float32)).resize(image.size, Image.BILINEAR)
+        size = (image.shape[1], image.shape[0])
+        upsampled = Image.fromarray(heat.astype(np.float32)).resize(size, Image.BILINEAR)
         ax.imshow(image)
         ax.imshow(np.asarray(upsampled), cmap=colormap, alpha=alpha, vmin=vmin, vmax=vmax)
         ax.set_title(title, fontsize=7)
         ax.axis("off")
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def draw_montage(images: list[Image.Image], maps: np.ndarray, titles: list[str], suptitle: str, path: Path,
+                 colormap: str, alpha: float) -> None:
+    """``montage_png`` of PIL images, written to ``path``."""
+    png = montage_png([np.asarray(image.convert("RGB")) for image in images], maps, titles, suptitle, colormap, alpha)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        Path(tmp).write_bytes(png)
 
 
 def _check_inputs(store: FeatureStore, data_root: Path) -> None:
@@ -133,31 +185,65 @@ def _check_inputs(store: FeatureStore, data_root: Path) -> None:
 
 def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config: Config,
                address: str | None = None, verify: bool = False) -> dict:
-    """The top-activation job: search on Ray, then a montage per feature and ``index.json``; returns the index."""
+    """The top-activation job: search on Ray, then a montage per feature (drawn on Ray) and ``index.json``;
+    returns the index.
+
+    Only this process (the driver) reads the run directory and the data root: shards' feature columns, the
+    montages' images and spatial maps travel to the tasks through Ray's object store, and the montages come
+    back as PNG bytes, so workers need neither. ``index.json`` records the node of every shard search
+    (``shards``) and montage (each feature's ``node``).
+    """
     run, data_root, tcfg = RunDir(run_dir), Path(data_root), config.topact
     store = FeatureStore(run.features_dir, verify=verify)
     _check_inputs(store, data_root)
     chosen = {name: read_ranking(run, name, store.feature_dim)[:tcfg.features_per_class]
               for name in store.classes}
     feature_idx = np.unique(np.concatenate(list(chosen.values())))
+    if not ray.is_initialized():
+        address = resolve_address(address)  # a bad address fails here, before anything is written
     out = run.topact_dir
     save_config(config, out / "config.yaml")
 
-    with ray_session(address):
-        top, info = search_top_activations(store, tcfg.split, feature_idx,
-                                           max(tcfg.images_per_feature, tcfg.selectivity_top))
-
     index = {"split": tcfg.split, "images_per_feature": tcfg.images_per_feature,
              "selectivity_top": tcfg.selectivity_top, "classes": {}}
-    for class_name, features in chosen.items():
-        index["classes"][class_name] = []
-        for rank, feature in enumerate(features.tolist(), start=1):
-            i = int(np.searchsorted(feature_idx, feature))
-            entry = feature_entry(store, tcfg, class_name, rank, feature, top.rows[i], top.values[i], info)
-            draw_feature(entry, class_name, store, tcfg, data_root, out / entry["montage"])
-            index["classes"][class_name].append(entry)
+    with ray_session(address):
+        top, info, shard_nodes = search_top_activations(store, tcfg.split, feature_idx,
+                                                        max(tcfg.images_per_feature, tcfg.selectivity_top))
+        render = ray.remote(num_cpus=1, max_retries=3)(_located(montage_png))
+        montages = {}
+        for class_name, features in chosen.items():
+            index["classes"][class_name] = []
+            for rank, feature in enumerate(features.tolist(), start=1):
+                i = int(np.searchsorted(feature_idx, feature))
+                entry = feature_entry(store, tcfg, class_name, rank, feature, top.rows[i], top.values[i], info)
+                montages[render.remote(*montage_inputs(entry, class_name, store, tcfg, data_root))] = entry
+                index["classes"][class_name].append(entry)
+        pending = list(montages)
+        with progress_bar(total=len(pending), desc="montages", unit="feature") as bar:
+            while pending:
+                [done], pending = ray.wait(pending, num_returns=1)
+                png, (node, node_id) = ray.get(done)
+                entry = montages[done]
+                with atomic_path(out / entry["montage"]) as tmp:
+                    Path(tmp).write_bytes(png)
+                entry["node"], entry["node_id"] = node, node_id
+                bar.update()
+    index["shards"] = shard_nodes
+    index["nodes"] = node_counts(index)
     write_json(run.topact_index, index)  # last: marks the stage complete
     return index
+
+
+def node_counts(index: dict) -> dict[str, dict[str, int]]:
+    """Per node (IP address), how many shard searches and montages it ran."""
+    counts: dict[str, dict[str, int]] = {}
+    for shard in index.get("shards", []):
+        counts.setdefault(shard["node"], {"shards": 0, "montages": 0})["shards"] += 1
+    for entries in index["classes"].values():
+        for entry in entries:
+            if "node" in entry:
+                counts.setdefault(entry["node"], {"shards": 0, "montages": 0})["montages"] += 1
+    return dict(sorted(counts.items()))
 
 
 def feature_entry(store: FeatureStore, cfg: TopactConfig, class_name: str, rank: int, feature: int,
@@ -170,19 +256,26 @@ def feature_entry(store: FeatureStore, cfg: TopactConfig, class_name: str, rank:
             "class_shares": shares, "top_for_shares": int(min(cfg.selectivity_top, len(rows))), "images": images}
 
 
-def draw_feature(entry: dict, class_name: str, store: FeatureStore, cfg: TopactConfig, data_root: Path,
-                 path: Path) -> None:
-    """The montage of one index entry: its images as the network saw them, with the feature's spatial maps."""
+def montage_inputs(entry: dict, class_name: str, store: FeatureStore, cfg: TopactConfig, data_root: Path) -> tuple:
+    """``montage_png``'s arguments for one index entry: its images as the network saw them, the feature's
+    spatial maps, titles, and the colour settings (read here, on the driver)."""
     size = store.manifest["image_size"]
     images = entry["images"]
     shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in entry["class_shares"].items())
-    draw_montage(
-        [_load_image(data_root, image["path"], size) for image in images],
-        store.spatial(cfg.split, [image["row"] for image in images])[:, entry["feature"]].astype(np.float32),
-        [f"{image['activation']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
-        f"{class_name}: feature {entry['feature']} (rank {entry['rank']}), top {len(images)} "
-        f"{cfg.split} images; among its top {entry['top_for_shares']}: {shares}",
-        path, cfg.colormap, cfg.overlay_alpha)
+    return ([np.asarray(_load_image(data_root, image["path"], size)) for image in images],
+            store.spatial(cfg.split, [image["row"] for image in images])[:, entry["feature"]].astype(np.float32),
+            [f"{image['activation']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
+            f"{class_name}: feature {entry['feature']} (rank {entry['rank']}), top {len(images)} "
+            f"{cfg.split} images; among its top {entry['top_for_shares']}: {shares}",
+            cfg.colormap, cfg.overlay_alpha)
+
+
+def draw_feature(entry: dict, class_name: str, store: FeatureStore, cfg: TopactConfig, data_root: Path,
+                 path: Path) -> None:
+    """The montage of one index entry, drawn here (no Ray) and written to ``path``."""
+    png = montage_png(*montage_inputs(entry, class_name, store, cfg, data_root))
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(png)
 
 
 def _load_image(data_root: Path, relative: str, size: int) -> Image.Image:

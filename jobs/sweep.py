@@ -1,9 +1,16 @@
-"""Refit classifiers on the forest's top-k features: one Ray task per (k, classifier) cell, resumable.
+"""Refit classifiers on the forest's top-k features: a Ray Tune experiment, one trial per (k, classifier,
+hyperparameters) cell, resumable.
 
     python jobs/sweep.py --run RUN_DIR                        # a local Ray sized to this machine
     python jobs/sweep.py --run RUN_DIR --address HEAD:6379    # an existing cluster (or set RAY_ADDRESS)
-    ray job submit --address http://HEAD:8265 -- python jobs/sweep.py --run RUN_DIR
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 -- python jobs/sweep.py --run RUN_DIR
     ray submit configs/ray-cluster.yaml jobs/sweep.py -- --run RUN_DIR
+    python jobs/sweep.py --run RUN_DIR "sweep.classifiers={lr: {estimator: LogisticRegression,
+        params: {max_iter: 1000, C: {grid_search: [0.01, 0.1, 1.0]}}}}"      # a hyperparameter axis
+
+RUN_DIR/sweep/results.csv gets a row per cell as it finishes (with the node that ran it); Tune's experiment is
+in RUN_DIR/sweep/tune/grid, and a rerun after a kill resumes it (Tuner.restore): finished trials are not run
+again. Only this process reads RUN_DIR: the features reach the workers through Ray's object store.
 """
 from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.run import RunDir

@@ -1,6 +1,10 @@
 """For each class's top features, the training images that activate each most, as montages with spatial maps.
 
     python jobs/topact.py --run RUN_DIR --data DATA_ROOT [--address HEAD:6379] [topact.features_per_class=5]
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 -- python jobs/topact.py --run RUN_DIR --data DATA_ROOT
+
+Only this process reads RUN_DIR and DATA_ROOT: shard columns, images and spatial maps reach the Ray workers
+through the object store, and the montages come back as PNG bytes. index.json records the node of each piece.
 """
 from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.run import RunDir
@@ -23,6 +27,8 @@ def main() -> None:
             top = entry["images"][0]
             print(f"{class_name} #{entry['rank']}: feature {entry['feature']:>5}  top-{index['selectivity_top']} "
                   f"shares: {shares}  best: {top['activation']:.2f} {top['path']}  -> {entry['montage']}")
+    print("work per node: " + ", ".join(f"{node} {n['shards']} shard(s) {n['montages']} montage(s)"
+                                        for node, n in index["nodes"].items()))
     print(f"wrote {run.topact_index}")
 
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog.cam import (METHODS, faithfulness, gradcam, random_saliency, remove_pixels, sample_indices,
-                        sample_per_class, top_fraction_mask)
+from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+from torch import nn
+
+from catdog import models
+from catdog.cam import (METHODS, cascade_units, faithfulness, gradcam, random_saliency, randomise, ranked,
+                        remove_pixels, road_scores, road_summary, sample_indices, sample_per_class, sanity_flags,
+                        spearman, top_fraction_mask)
 from catdog.config import GradcamConfig
 from catdog.errors import CatdogError
 from catdog.io import read_json
@@ -97,8 +103,12 @@ def test_gradcam_on_two_runs_writes_grid_and_summary(tiny_run, synthetic_root, t
         assert all(0.5 <= p["probability"] <= 1 for p in model["grid_predictions"])
         score = model["methods"]["gradcam"]
         assert score["n_images"] == 3 and -1 <= score["random_drop"] <= 1 and -1 <= score["salient_drop"] <= 1
-    # same weights, same images: the two runs' numbers agree
-    assert summary["models"][0]["methods"] == summary["models"][1]["methods"]
+    # same weights, same images: the two runs' numbers agree (all but the time taken)
+    def numbers(model):
+        return {method: {k: v for k, v in score.items() if k not in ("seconds", "cpu_seconds")}
+                for method, score in model["methods"].items()}
+
+    assert numbers(summary["models"][0]) == numbers(summary["models"][1])
     width, height = Image.open(stage / "grid.png").size
     assert 2.5 < width / 230 < 3.5 and 2 * 200 < height < 3 * 250  # 1 + 2 columns, 2 rows
 
@@ -108,7 +118,7 @@ def test_gradcam_on_two_runs_writes_grid_and_summary(tiny_run, synthetic_root, t
                    tiny_config(*settings, "gradcam.methods=[gradcam, layercam]"))
     assert first_part.stat().st_mtime_ns == stamp  # a finished part is reused; only layercam is computed
     assert set(more["models"][0]["methods"]) == {"gradcam", "layercam"}
-    assert more["models"][0]["methods"]["gradcam"] == summary["models"][0]["methods"]["gradcam"]
+    assert more["models"][0]["methods"]["gradcam"] == summary["models"][0]["methods"]["gradcam"]  # its time too
     assert len(list((stage / "parts").glob("*.json"))) == 3
 
 
@@ -126,3 +136,112 @@ def test_gradcam_job_reports_misplaced_overrides(tiny_run, synthetic_root, tmp_p
                                       "--runs", str(tiny_run), "gradcam.methods=[layercam]"])
     with pytest.raises(CatdogError, match="put overrides before --runs"):
         job["main"]()
+
+
+class TinyNet(nn.Module):
+    """A 2-class CNN small enough to run grad-cam's metrics in a blink."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def smooth_cams(batch: int, size: int, seed: int) -> np.ndarray:
+    return random_saliency(batch, (4, 4), size, np.random.default_rng(seed)).astype(np.float32)
+
+
+def test_ranked_keeps_the_order_and_breaks_ties():
+    cams = np.zeros((2, 10, 10), dtype=np.float32)
+    cams[0, :5] = 1.0  # half the pixels tied at 0, half at 1
+    cams[1] = np.arange(100).reshape(10, 10)
+    out = ranked(cams, np.random.default_rng(0))
+    assert out.min() == 0 and out.max() == 1 and len(np.unique(out[0])) == 100
+    assert out[0, :5].min() > out[0, 5:].max()  # ties broken inside each level only
+    assert np.array_equal(np.argsort(out[1].ravel()), np.arange(100))
+    threshold = np.percentile(out[0], 70)  # what grad-cam's ROAD does: exactly 30% removed
+    assert (out[0] >= threshold).sum() == 30
+
+
+def test_road_scores_are_grad_cams_road_combined():
+    network = TinyNet().eval()
+    images = torch.randn(3, 3, 16, 16)
+    targets = torch.tensor([0, 1, 1])
+    cams = ranked(smooth_cams(3, 16, 1), np.random.default_rng(0))
+    percentiles = [30, 60, 90]
+    scores = road_scores(network, images, cams, targets, percentiles, seed=7)
+    assert scores["morf"].shape == scores["lerf"].shape == (3, 3)
+    torch.manual_seed(7)
+    expected = ROADCombined(percentiles)(images, cams, [ClassifierOutputSoftmaxTarget(int(t)) for t in targets],
+                                         network)
+    np.testing.assert_allclose((scores["lerf"].mean(0) - scores["morf"].mean(0)) / 2, expected, atol=1e-6)
+    summary = road_summary(scores["morf"], scores["lerf"], percentiles)
+    assert summary["combined"] == pytest.approx(float(expected.mean()), abs=1e-6)
+    assert summary["morf"]["30"] == pytest.approx(float(scores["morf"][0].mean()))
+    # seeded: the imputation noise repeats, and the global generator is left alone
+    state = torch.get_rng_state()
+    again = road_scores(network, images, cams, targets, percentiles, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    np.testing.assert_array_equal(again["morf"], scores["morf"])
+
+
+def test_spearman():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 8, 8))
+    b = np.stack([a[0], -a[1], np.zeros((8, 8))])
+    assert spearman(a, b) == pytest.approx([1.0, -1.0, 0.0])  # a constant map keeps no order: 0
+
+
+def test_sanity_flags():
+    def steps(*values):
+        return [{"layer": name, "spearman": v} for name, v in zip(["trained", "classifier", "bn2", "stem"], values)]
+
+    assert sanity_flags(steps(1.0, 0.1, 0.05, 0.0), 0.5) == []
+    (flag,) = sanity_flags(steps(1.0, 0.99, 0.2, 0.1), 0.5)
+    assert "classifier" in flag and "0.99" in flag
+    (flag,) = sanity_flags(steps(1.0, 0.3, 0.6, 0.7), 0.5)
+    assert "every layer" in flag
+
+
+def test_cascade_units_run_from_the_classifier_down_to_the_stem():
+    network = models.create("efficientnet_lite0", 2, pretrained="none").eval()
+    names = [name for name, _ in cascade_units(network, 64)]
+    assert names[0] == "classifier" and names[-1] == "conv_stem"
+    assert names[1:4] == ["bn2", "conv_head", "blocks.6"] and "blocks.0" in names and len(names) == 12
+
+    unit = dict(cascade_units(network, 64))["conv_head"]
+    before = unit.weight.detach().clone()
+    randomise(unit, torch.Generator().manual_seed(0))
+    assert not torch.allclose(unit.weight, before)
+    assert float(unit.weight.detach().std()) == pytest.approx(float(before.std()), rel=0.05)
+    assert abs(np.corrcoef(unit.weight.detach().ravel().numpy(), before.ravel().numpy())[0, 1]) < 0.05
+
+
+def test_gradcam_adds_road_confidence_change_and_a_sanity_check(tiny_run, synthetic_root, tmp_path):
+    settings = ["gradcam.images_per_class=1", "gradcam.faithfulness_images=4", "gradcam.batch_size=4",
+                "gradcam.methods=[gradcam,eigencam]", "gradcam.road_percentiles=[50,80]",
+                "gradcam.sanity_images_per_class=2"]
+    summary = gradcam([tiny_run], synthetic_root, tmp_path / "out", tiny_config(*settings))
+    stage = tmp_path / "out" / "gradcam"
+    assert summary["road_percentiles"] == [50, 80] and len(summary["sanity_images"]) == 4
+    assert [p.split("/")[1] for p in summary["sanity_images"]] == ["cat", "cat", "dog", "dog"]
+    (model,) = summary["models"]
+    assert model["sanity_layers"][:3] == ["trained", "classifier", "bn2"] and len(model["sanity_layers"]) == 13
+    for method, score in model["methods"].items():
+        assert set(score["road"]["morf"]) == set(score["road"]["lerf"]) == {"50", "80"}
+        assert -1 <= score["road"]["combined"] <= 1 and -1 <= score["confidence_change"] <= 1
+        assert score["seconds"]["total"] == pytest.approx(sum(v for k, v in score["seconds"].items() if k != "total"))
+        assert set(score["seconds"]) >= {"cams", "road", "confidence_change", "sanity"}
+        steps = score["sanity"]
+        assert [s["layer"] for s in steps] == model["sanity_layers"] and steps[0]["spearman"] == 1.0
+        assert all(-1 <= s["spearman"] <= 1 for s in steps)
+    # EigenCAM never looks at the head: randomising the classifier leaves its maps exactly as they were
+    assert model["methods"]["eigencam"]["sanity"][1]["spearman"] == pytest.approx(1.0)
+    assert any("classifier" in flag for flag in model["methods"]["eigencam"]["sanity_flags"])
+    assert model["methods"]["gradcam"]["sanity"][1]["spearman"] < 0.99
+    with Image.open(stage / "sanity.png") as plot:
+        assert plot.width >= 500 and plot.height >= 300

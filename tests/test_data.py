@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from catdog.config import DataConfig
-from catdog.data import find_classes, open_split
+from catdog.data import build_transform, find_classes, open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
+
+SMALL = DataConfig(image_size=32, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
 def test_classes_and_samples(synthetic_root):
     assert find_classes(synthetic_root) == ["cat", "dog"]
-    dataset = open_split(synthetic_root, "test", DataConfig(image_size=32))
+    dataset = open_split(synthetic_root, "test", SMALL)
     assert len(dataset) == 14
     image, label, index = dataset[13]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
@@ -20,9 +22,8 @@ def test_classes_and_samples(synthetic_root):
 
 
 def test_train_transform_augments_eval_does_not(synthetic_root):
-    cfg = DataConfig(image_size=32)
-    train_set = open_split(synthetic_root, "train", cfg, train=True)
-    eval_set = open_split(synthetic_root, "train", cfg)
+    train_set = open_split(synthetic_root, "train", SMALL, train=True)
+    eval_set = open_split(synthetic_root, "train", SMALL)
     torch.manual_seed(0)
     draws = [train_set[0][0] for _ in range(4)]
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
@@ -33,7 +34,7 @@ def test_unreadable_files_are_skipped_not_fatal(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train": 3, "test": 2, "val": 2})
     (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
     (root / "train" / "dog" / "text.jpg").write_text("not an image")
-    assert len(open_split(root, "train", DataConfig(image_size=32))) == 6
+    assert len(open_split(root, "train", SMALL)) == 6
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -54,7 +55,7 @@ def test_empty_split_and_missing_root(tmp_path):
     for f in (root / "val").rglob("*.jpg"):
         f.unlink()
     with pytest.raises(CatdogError, match="no readable images"):
-        open_split(root, "val", DataConfig())
+        open_split(root, "val", SMALL)
     with pytest.raises(CatdogError, match="no such directory"):
         find_classes(tmp_path / "nowhere")
 
@@ -64,6 +65,11 @@ def test_a_class_without_images_in_one_split_is_named(tmp_path):
     for f in (root / "test" / "dog").iterdir():
         f.unlink()
     (root / "test" / "dog" / "notes.txt").write_text("not an image")
-    assert len(open_split(root, "train", DataConfig(image_size=32))) == 4
+    assert len(open_split(root, "train", SMALL)) == 4
     with pytest.raises(CatdogError, match=f"class folder {root / 'test' / 'dog'}: no readable images"):
-        open_split(root, "test", DataConfig(image_size=32))
+        open_split(root, "test", SMALL)
+
+
+def test_a_transform_needs_a_resolved_data_config():
+    with pytest.raises(ValueError, match="mean, std unset"):
+        build_transform(DataConfig(image_size=32, interpolation="bicubic"), train=False)

@@ -82,6 +82,25 @@ def add_later_stages(run: Path) -> None:
                                               "label": name}]})
     write_json(run / "topact" / "index.json",
                {"split": "train", "images_per_feature": 1, "selectivity_top": 5, "classes": classes})
+    (run / "concepts").mkdir()
+    classes = {}
+    for name, colour in (("cat", (200, 120, 40)), ("dog", (40, 120, 200))):
+        _png(run / "concepts" / f"{name}-samples.png", colour)
+        concepts = []
+        for number in (1, 2):
+            _png(run / "concepts" / f"{name}-c{number}.png", colour)
+            concepts.append({"concept": number, "importance": 1.5 / number, "importance_std": 0.2,
+                             "random_importance": 0.1, "random_importance_std": 0.05, "beats_random": 0.9,
+                             "mean_coefficient": 0.3, "top_channels": [5, 1, 9, 2, 7], "montage": f"{name}-c{number}.png",
+                             "images": [{"path": f"train/{name}/{name}.0.jpg", "row": 0, "value": 2.0,
+                                         "label": name, "position": [1, 1]}]})
+        classes[name] = {"images": 24, "positions": 96, "reconstruction_error": 0.4, "importance_images": 5,
+                         "mean_logit": 1.2, "seconds": 1.0, "peak_rss_mib": 900.0, "concepts": concepts,
+                         "sample_images": [f"val/{name}/{name}.1.jpg"], "sample_figure": f"{name}-samples.png"}
+    write_json(run / "concepts" / "index.json", {
+        "split": "train", "importance_split": "val", "concepts_per_class": 2, "factorisation": "NMF",
+        "importance": "logit drop", "random_baseline": "random direction", "cam_method": "gradcam",
+        "classes": classes})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +111,9 @@ def full_report(tiny_run, synthetic_root, tmp_path_factory) -> Path:
     shutil.copytree(tiny_run, run)
     add_later_stages(run)
     gradcam([run], synthetic_root, root / "out", tiny_config("gradcam.images_per_class=1",
-                                                             "gradcam.faithfulness_images=4"))
+                                                             "gradcam.faithfulness_images=4",
+                                                             "gradcam.sanity_images_per_class=1",
+                                                             "gradcam.road_percentiles=[50]"))
     report([run], root / "report", root / "out" / "gradcam")
     return root / "report"
 
@@ -103,11 +124,12 @@ def test_report_of_a_run_with_missing_stages(tiny_run, tmp_path):
     assert read_json(tmp_path / "report" / "summary.json") == json.loads(json.dumps(summary))
     (run,) = summary["runs"]
     assert 0 <= run["training"]["val_accuracy"] <= 1 and len(run["training"]["curve"]) == 1
-    for stage, job in (("forest", "jobs/forest.py"), ("sweep", "jobs/sweep.py"), ("topact", "jobs/topact.py")):
+    for stage, job in (("forest", "jobs/forest.py"), ("sweep", "jobs/sweep.py"), ("topact", "jobs/topact.py"),
+                       ("concepts", "jobs/concepts.py")):
         assert job in run[stage]["missing"]
         assert f"missing (run python {job}" in page or f"then python {job}" in page
     assert "jobs/gradcam.py --runs" in summary["gradcam"]["missing"]
-    assert page.count('class="missing"') == 4
+    assert page.count('class="missing"') == 5
     assert "data:image/png;base64," in page  # the training curves
 
 
@@ -143,10 +165,17 @@ def test_full_report_shows_every_stage(full_report):
     assert run["forest"]["summary"]["test_accuracy"] == 0.75 and "75.00%" in page
     assert [row["k"] for row in run["sweep"]["rows"]] == ["10", "100", "1280"]
     assert [e["feature"] for e in run["topact"]["classes"]["dog"]] == [7, 42]
-    assert summary["gradcam"]["summary"]["models"][0]["methods"]["gradcam"]["n_images"] == 4
-    # curves, gradcam grid, sweep plot, 4 montages; every image embedded, nothing fetched
-    assert page.count("<img ") == 7 == page.count('src="data:image/png;base64,')
-    assert page.count("<table>") == 10 and "{'" not in page  # no Python reprs leak into the page
+    gradcam = summary["gradcam"]["summary"]["models"][0]["methods"]["gradcam"]
+    assert gradcam["n_images"] == 4 and set(gradcam["road"]["morf"]) == {"50"}
+    assert "ROAD combined" in page and "confidence change" in page and "Sanity check" in page
+    assert [c["concept"] for c in run["concepts"]["classes"]["dog"]["concepts"]] == [1, 2]
+    assert "1.500 ± 0.200" in page and "0.100 ± 0.050" in page  # a concept's importance and its random baseline
+    # curves, gradcam grid and sanity plot, sweep plot, 4 top-activation montages, 4 concept montages and
+    # 2 concept-sample figures; every image embedded, nothing fetched
+    assert page.count("<img ") == 14 == page.count('src="data:image/png;base64,')
+    # overview, training x2, architecture, forest x2, sweep, topact x2, faithfulness, ROAD percentiles, sanity,
+    # concepts x2
+    assert page.count("<table>") == 14 and "{'" not in page  # no Python reprs leak into the page
 
 
 def test_report_escapes_html_in_values(full_report, tmp_path):
@@ -165,8 +194,8 @@ def test_report_escapes_html_in_values(full_report, tmp_path):
 def test_report_opens_in_headless_chromium(full_report, tmp_path):
     screenshot = full_report / "screenshot.png"
     result = browser_check(full_report / "index.html", tmp_path, screenshot)
-    assert result["images"] == 7 and result["loaded"] == 7
-    assert result["tables"] == (full_report / "index.html").read_text().count("<table>") == 10
+    assert result["images"] == 14 and result["loaded"] == 14
+    assert result["tables"] == (full_report / "index.html").read_text().count("<table>") == 14
     shot = Image.open(screenshot)
     assert shot.size == (1280, 2000)
     assert len(np.unique(np.asarray(shot.convert("L")))) > 20  # a rendered page, not a blank one
@@ -179,3 +208,17 @@ def test_browser_check_sees_a_broken_image(tmp_path):
     page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,bm90IGEgcG5n">'
                     '<img src="https://example.com/a.png"><table><tr><td>1</td></tr></table></body></html>')
     assert browser_check(page, tmp_path) == {"images": 2, "loaded": 0, "tables": 1}
+
+
+def test_sanity_flags_are_shown(full_report, tmp_path):
+    """A flagged method is named in a flag box; one that passes says so."""
+    from catdog.report import render
+
+    summary = read_json(full_report / "summary.json")
+    gradcam = summary["gradcam"]
+    methods = gradcam["summary"]["models"][0]["methods"]
+    methods["gradcam"]["sanity_flags"] = ["maps barely change when every layer is randomised"]
+    methods["layercam"] = {**methods["gradcam"], "sanity_flags": []}
+    page = render(summary["runs"], gradcam, "now")
+    assert page.count('class="flag"') == 1 and "flagged: efficientnet_lite0 gradcam" in page
+    assert "efficientnet_lite0 layercam: passes" in page

@@ -4,20 +4,22 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from ray.exceptions import WorkerCrashedError
+import ray
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 
 from catdog.config import ClassifierSpec, SweepConfig, load_config, save_config
 from catdog.errors import CatdogError
-from catdog.sweep import (build_estimator, fit_cell, read_results, run_sweep, sweep_cells, write_results)
+from catdog.sweep import (SweepFailed, build_estimator, fit_cell, format_table, read_results, run_sweep, sweep_cells,
+                          write_results)
 from conftest import REPO
 from synthetic_store import write_rankings, write_store
 
@@ -110,8 +112,11 @@ def test_sweep_writes_every_cell_and_a_rerun_computes_only_missing_ones(ray_loca
     assert (run / "sweep" / "accuracy_vs_k.png").stat().st_size > 10_000
     assert load_config(run / "sweep" / "config.yaml") == config
 
+    assert {row["node"] for row in rows} == {ray.util.get_node_ip_address()}
+    assert len({row["trial_id"] for row in rows}) == 6
+    assert (run / "sweep" / "tune" / "grid").is_dir()  # Tune's experiment
+
     results = run / "sweep" / "results.csv"
-    write_results(results, [row for row in rows if (row["k"], row["classifier"]) not in {("4", "rf"), ("all", "lr")}])
     calls = tmp_path / "calls"
     calls.mkdir()
 
@@ -119,10 +124,43 @@ def test_sweep_writes_every_cell_and_a_rerun_computes_only_missing_ones(ray_loca
         (calls / f"{type(estimator).__name__}-{len(feature_idx)}").touch()
         return fit_cell(data, feature_idx, estimator)
 
+    # rows lost from results.csv, but the finished experiment has them: recovered with no fit at all
+    write_results(results, [row for row in rows if (row["k"], row["classifier"]) not in {("4", "rf"), ("all", "lr")}])
+    assert accuracies(run_sweep(run, config, fit=counting_fit)) == accuracies(rows)
+    assert list(calls.iterdir()) == []
+
+    # without the experiment, exactly the cells missing from results.csv are computed
+    shutil.rmtree(run / "sweep" / "tune")
+    write_results(results, [row for row in rows if (row["k"], row["classifier"]) not in {("4", "rf"), ("all", "lr")}])
     again = run_sweep(run, config, fit=counting_fit)
     assert sorted(p.name for p in calls.iterdir()) == ["LogisticRegression-16", "RandomForestClassifier-4"]
     assert accuracies(again) == accuracies(rows)
     assert accuracies(read_results(results)) == accuracies(rows)
+
+
+def test_hyperparameter_axes_become_grid_cells_and_columns(ray_local, sweep_run, tmp_path):
+    run = copy_run(sweep_run, tmp_path)
+    config = load_config(run / "config.yaml", [
+        "sweep.ks=[1, all]",
+        "sweep.classifiers={lr: {estimator: LogisticRegression, params: {max_iter: 200, C: {grid_search: [0.01, 1.0]}}},"
+        " rf: {estimator: RandomForestClassifier, params: {n_estimators: 8, random_state: 0,"
+        " max_features: {grid_search: [1, sqrt]}}}}"])
+    cells = sweep_cells(config.sweep, DIM)
+    assert [(c.classifier, c.hyper, c.k) for c in cells] == [  # the run's config lists rf first
+        ("rf", {"max_features": 1}, 1), ("rf", {"max_features": 1}, "all"),
+        ("rf", {"max_features": "sqrt"}, 1), ("rf", {"max_features": "sqrt"}, "all"),
+        ("lr", {"C": 0.01}, 1), ("lr", {"C": 0.01}, "all"), ("lr", {"C": 1.0}, 1), ("lr", {"C": 1.0}, "all")]
+    rows = run_sweep(run, config)
+    assert len(rows) == 8
+    assert [(row["param_C"], row["param_max_features"]) for row in rows] == [
+        ("", "1"), ("", "1"), ("", "sqrt"), ("", "sqrt"), ("0.01", ""), ("0.01", ""), ("1.0", ""), ("1.0", "")]
+    data = data_of(run)
+    order = np.array([INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE])
+    for cell, row in zip(cells, rows):
+        serial = fit_cell(data, order[:cell.n_features], build_estimator(cell.spec))
+        assert (float(row["test_accuracy"]), float(row["val_accuracy"])) == (serial["test_accuracy"],
+                                                                             serial["val_accuracy"])
+    assert "lr C=0.01" in format_table(rows)
 
 
 def test_sweep_survives_a_killed_worker(ray_local, sweep_run, tmp_path):
@@ -145,10 +183,18 @@ def test_sweep_survives_a_killed_worker(ray_local, sweep_run, tmp_path):
     shutil.rmtree(run / "sweep")
     marker.unlink()
     no_retries = load_config(run / "config.yaml", ["sweep.max_retries=0"])
-    with pytest.raises(WorkerCrashedError):
+    with pytest.raises(SweepFailed, match="1 cell\\(s\\) failed after 0 retries"):
         run_sweep(run, no_retries, fit=die_once)
-    assert len(read_results(run / "sweep" / "results.csv")) < 6
-    assert accuracies(run_sweep(run, no_retries)) == expected_accuracies(run)
+    assert len(read_results(run / "sweep" / "results.csv")) == 5
+    assert accuracies(run_sweep(run, no_retries)) == expected_accuracies(run)  # the errored trial is rerun
+
+
+def test_a_bad_parameter_fails_as_one_line_naming_the_cell(ray_local, sweep_run, tmp_path):
+    run = copy_run(sweep_run, tmp_path)
+    config = load_config(run / "config.yaml", [
+        "sweep.ks=[1]", "sweep.classifiers={lr: {estimator: LogisticRegression, params: {C: -1.0}}}"])
+    with pytest.raises(CatdogError, match="sweep cell k=1 lr .*C"):
+        run_sweep(run, config)
 
 
 def test_missing_forest_is_a_clear_error(sweep_run, tmp_path):
@@ -214,3 +260,86 @@ def test_sweep_runs_as_a_job_on_a_started_head(sweep_run, tmp_path):
             head.kill()
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def sweep_job(run: Path, env: dict, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), "--run", str(run), *args],
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    return done, time.monotonic() - start
+
+
+@pytest.mark.parametrize("how", ["RAY_ADDRESS=127.0.0.1:1", "--address 127.0.0.1:1", "RAY_ADDRESS=http://127.0.0.1:1"])
+def test_an_unreachable_address_is_one_line_within_seconds(sweep_run, tmp_path, how):
+    run = copy_run(sweep_run, tmp_path)
+    env = {"RAY_ADDRESS": how.split("=", 1)[1]} if how.startswith("RAY_ADDRESS") else {}
+    args = how.split() if how.startswith("--") else []
+    done, seconds = sweep_job(run, env, *args)
+    assert done.returncode == 2, done.stderr
+    assert seconds < 30
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "127.0.0.1:1" in error[0] and "Traceback" not in done.stderr, done.stderr
+    assert not (run / "sweep").exists()  # nothing written
+
+
+def test_address_checks(ray_local):
+    from catdog.cluster import gcs_problem, resolve_address
+
+    live = ray.get_runtime_context().gcs_address
+    assert gcs_problem(live) is None
+    assert resolve_address(live) == live
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    http = socket.create_server(("127.0.0.1", 0))  # answers like an HTTP/1.1 server (the dashboard's port)
+
+    def answer() -> None:
+        conn, _ = http.accept()
+        conn.recv(100)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        assert gcs_problem(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1) == "no answer within 1 s"
+        with pytest.raises(CatdogError, match="something answers there, but not Ray's GCS"):
+            resolve_address(f"127.0.0.1:{http.getsockname()[1]}")
+    finally:
+        silent.close()
+        http.close()
+
+
+@pytest.mark.slow
+def test_a_dead_recorded_cluster_is_skipped_unless_named(sweep_run, tmp_path):
+    """``ray start`` recorded a cluster (``RAY_TMPDIR/ray/ray_current_cluster``) that has since died: without an
+    address the job warns in one line and runs on a fresh local Ray; with that address it is the one-line error."""
+    run = copy_run(sweep_run, tmp_path)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: a local Ray's sockets live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        dead = f"127.0.0.1:{free_ports(1)[0]}"
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+
+        named, seconds = sweep_job(run, {**env, "RAY_ADDRESS": dead})
+        assert named.returncode == 2 and seconds < 30, named.stderr
+        assert [line for line in named.stderr.splitlines() if line.startswith("error:")] == [
+            f"error: RAY_ADDRESS={dead}: cannot reach a Ray cluster there (Connection refused); start the cluster "
+            "(ray start --head) or fix the address, or unset RAY_ADDRESS to run on a local Ray"]
+
+        done, _ = sweep_job(run, env)
+        assert done.returncode == 0, done.stderr
+        warnings = [line for line in done.stderr.splitlines() if "dead Ray cluster" in line]
+        assert len(warnings) == 1 and dead in warnings[0] and "starting a local Ray" in warnings[0]
+        assert "Traceback" not in done.stderr
+        assert accuracies(read_results(run / "sweep" / "results.csv")) == expected_accuracies(run)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name, processes, machines", [("one_gpu", 1, 1), ("eight_gpus_bf16", 8, 1),
+                                                       ("two_nodes", 16, 2)])
+def test_accelerate_example_configs_load(name, processes, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (config.num_processes, config.num_machines) == (processes, machines)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 
 from catdog.config import load_config
 from catdog.errors import CatdogError
 from catdog.store import FeatureStore
-from catdog.topact import empty_topk, merge_topk, run_topact, search_top_activations, update_topk
+from catdog.topact import draw_feature, empty_topk, merge_topk, run_topact, search_top_activations, update_topk
 from conftest import make_image_folder
 from synthetic_store import write_rankings, write_store
 
@@ -62,8 +63,10 @@ def test_search_over_shards_on_ray_equals_brute_force(ray_local, topact_run):
     store = FeatureStore(topact_run[0] / "features")
     features = store.features("train")
     chosen = np.array([0, 2, 4])
-    top, info = search_top_activations(store, "train", chosen, k=5)
+    top, info, nodes = search_top_activations(store, "train", chosen, k=5, in_flight=1)
     assert len(store.shards("train")) == 3
+    assert [n["file"] for n in nodes] == [p.name for p in store.shards("train")]
+    assert {n["node"] for n in nodes} == {ray.util.get_node_ip_address()}
     assert len(np.unique(features[:, chosen])) < features.shape[0]  # ties are present
     assert np.array_equal(top.rows, brute_force(features[:, chosen], 5))
     labels, paths = store.labels("train"), store.paths("train")
@@ -95,6 +98,23 @@ def test_montages_and_index(ray_local, topact_run, tmp_path):
             with Image.open(out / entry["montage"]) as montage:
                 assert montage.width > 500 and montage.height > 200
     assert sorted(p.name for p in out.glob("*.png")) == ["cat-f0.png", "cat-f2.png", "dog-f2.png", "dog-f4.png"]
+    here = ray.util.get_node_ip_address()
+    assert index["nodes"] == {here: {"shards": 3, "montages": 4}}
+    assert [s["rows"] for s in index["shards"]] == [5, 5, 2]
+
+
+def test_montages_drawn_on_ray_equal_montages_drawn_here(ray_local, topact_run, tmp_path):
+    """The montage tasks get images and spatial maps from the object store and return PNG bytes (a worker
+    without the run directory is tested in test_multinode.py); the bytes equal a montage drawn in-process."""
+    run = Path(shutil.copytree(topact_run[0], tmp_path / "run"))
+    config = load_config(None, OVERRIDES)
+    index = run_topact(run, topact_run[1], config)
+    store = FeatureStore(run / "features")
+    for name, entries in index["classes"].items():
+        for entry in entries:
+            local = tmp_path / f"local-{entry['montage']}"
+            draw_feature(entry, name, store, config.topact, topact_run[1], local)
+            assert local.read_bytes() == (run / "topact" / entry["montage"]).read_bytes()
 
 
 def test_clear_errors_for_missing_images_spatial_maps_and_colormaps(ray_local, topact_run, tmp_path):

@@ -60,7 +60,7 @@ def test_cosine_schedule_warms_up_and_decays():
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "nowhere"], "data root nowhere: no such directory"),
-    (["model.name=vgg"], "unknown model 'vgg'"),
+    (["model.name=vgg"], "timm has no model 'vgg'"),
     (["optim.nope=1"], "optim.nope: unknown key"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, synthetic_root, monkeypatch, capsys, args, message):

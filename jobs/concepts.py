@@ -1,0 +1,44 @@
+"""Concepts from the feature store (CRAFT-style NMF of each class's spatial maps), with montages, importance
+against a random baseline, and concept maps beside the Grad-CAM sample's CAMs.
+
+    python jobs/concepts.py --run RUN_DIR [RUN_DIR ...] --data DATA_ROOT [--address HEAD:6379] [concepts.concepts=5]
+
+Writes RUN_DIR/concepts/{index.json,config.yaml,<class>-c<n>.png,<class>-samples.png,parts/}. Each (run, class)
+is a Ray task when several are pending (--no-ray: one after another in this process); a rerun reuses the
+classes already done.
+"""
+from catdog.cli import config_from, parser, run_job, writable_dir
+from catdog.concepts import run_concepts
+from catdog.errors import CatdogError
+from catdog.run import RunDir
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--run", nargs="+", required=True, help="run directories with features/ (spatial maps)")
+    p.add_argument("--data", required=True, help="the data root the features were extracted from")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--no-ray", action="store_true", help="run the per-class work in this process, one by one")
+    args = p.parse_args()
+    misplaced = [run for run in args.run if "=" in run]
+    if misplaced:
+        raise CatdogError(f"--run {misplaced[0]}: looks like an override; put overrides before --run")
+    runs = [RunDir(writable_dir(path, "--run")) for path in args.run]
+    indexes = run_concepts([run.path for run in runs], args.data,
+                           config_from(args, fallback=str(runs[0].config_path)), address=args.address,
+                           use_ray=not args.no_ray)
+    for run in runs:
+        index = indexes[str(run.path)]
+        for class_name, entry in index["classes"].items():
+            for concept in entry["concepts"]:
+                print(f"{run.path} {class_name} concept {concept['concept']}: logit drop {concept['importance']:.3f} "
+                      f"vs {concept['random_importance']:.3f} random (beats it on {concept['beats_random']:.0%} of "
+                      f"{entry['importance_images']} {index['importance_split']} images)  -> {concept['montage']}")
+            print(f"{run.path} {class_name}: {entry['images']} {index['split']} images, NMF relative error "
+                  f"{entry['reconstruction_error']:.3f}, {entry['seconds']:.0f} s, peak RSS {entry['peak_rss_mib']:.0f} "
+                  f"MiB  -> {entry['sample_figure']}")
+        print(f"wrote {run.concepts_index}")
+
+
+if __name__ == "__main__":
+    run_job(main)
