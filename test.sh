@@ -3,8 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup.sh
-# The report's browser test needs Chromium; install Debian's package when we can (it is skipped otherwise).
-if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "test.sh: could not install chromium" >&2
+# Debian packages some tests need, installed when we can (those tests are skipped otherwise): Chromium for the
+# report's browser test; openssh-server and rsync for the multinode test of `ray up` over SSH.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v rsync >/dev/null || missing+=(rsync)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) \
+    || echo "test.sh: could not install ${missing[*]}" >&2
 fi
 exec python -m pytest -q "$@"

@@ -483,7 +483,8 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
     classes = find_classes(data_root)
     for run in runs:
         _run_classes(run, classes, data_root)
-    reference = open_split(data_root, "val", config.data, classes=classes)
+    # the listing and photos only (each model's own transform is used below): the first run's resolved data config
+    reference = open_split(data_root, "val", runs[0].config().data, classes=classes)
     grid_rows = sample_per_class(reference.labels, cfg.images_per_class, cfg.seed)
     faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
     sanity_rows = sample_per_class(reference.labels, cfg.sanity_images_per_class, cfg.seed + 1)

@@ -27,6 +27,9 @@ def parser(description: str, overrides: bool = True) -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace, fallback: str | None = None) -> Config:
     """The config named by ``--config`` (else ``fallback``, e.g. a run's own config.yaml) with overrides applied."""
+    if args.config is None and fallback is not None and not Path(fallback).is_file():
+        raise CatdogError(f"run {Path(fallback).parent}: no config.yaml; give a run directory written by "
+                          "jobs/train.py (or --config FILE)")
     return load_config(args.config or fallback, args.overrides)
 
 

@@ -117,6 +117,18 @@ class ClassifierSpec(Section):
     estimator: str
     """A scikit-learn classifier's class name, e.g. ``RandomForestClassifier``."""
     params: dict = {}
+    """Its parameters; one written ``{grid_search: [v1, v2, ...]}`` (Tune's spelling) is an axis of the sweep."""
+
+    @field_validator("params")
+    @classmethod
+    def _axes_have_values(cls, params: dict) -> dict:
+        for key, value in params.items():
+            if isinstance(value, dict) and "grid_search" in value and (
+                    set(value) != {"grid_search"} or not isinstance(value["grid_search"], list)
+                    or not value["grid_search"]):
+                raise ValueError(f"{key}: a hyperparameter axis is {{grid_search: [v1, v2, ...]}} with at least "
+                                 "one value")
+        return params
 
 
 def _top_k(value):
@@ -135,7 +147,7 @@ class SweepConfig(Section):
     ranking: str = "global"
     """``global`` (the forest's importances) or a class name (that class's per-class ranking)."""
     max_retries: NonNegativeInt = 3
-    """Times Ray reruns a cell whose worker or node died."""
+    """Times Tune reruns a trial whose worker or node died."""
 
 
 class TopactConfig(Section):

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, gather_object
+
+from catdog.errors import CatdogError
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,3 +55,25 @@ def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | 
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     use_cpu_cores(accelerator, cpu_threads)
     return accelerator, precision
+
+
+def require_shared_folder(accelerator: Accelerator, folder: Path, flag: str) -> None:
+    """With processes on several machines, every one must see ``folder`` (the run directory) at the same path:
+    the main process writes a probe file there and each process looks for it. One that cannot see it makes every
+    process stop with the same one-line error, rather than a traceback on a worker later."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) == accelerator.num_processes:
+        return  # one machine
+    probe = [None]
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = [f".catdog-shared-{uuid.uuid4().hex}"]
+        (folder / probe[0]).touch()
+    broadcast_object_list(probe)
+    seen = gather_object([(accelerator.process_index, (folder / probe[0]).is_file())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / probe[0]).unlink()
+    blind = [rank for rank, ok in seen if not ok]
+    if blind:
+        raise CatdogError(f"{flag} {folder}: not visible from process(es) {blind} on another machine; every machine "
+                          "must see the run directory at the same path (a shared filesystem such as NFS)")

@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from catdog.config import Config, ExtractConfig, save_config
 from catdog.data import ImageDataset, find_classes, open_split
-from catdog.devices import accelerator_for, autocast
+from catdog.devices import accelerator_for, autocast, require_shared_folder
 from catdog.errors import CatdogError
 from catdog.io import file_sha256
 from catdog.models import Network, fold_batchnorm
@@ -88,6 +88,7 @@ def extract(config: Config, run_dir: str | os.PathLike, data_root: str | os.Path
     run = RunDir(run_dir)
     folder = run.features_dir
     accelerator, precision = accelerator_for(cfg.mixed_precision, cfg.cpu)
+    require_shared_folder(accelerator, run.path, "--run")
 
     network, classes = run.load_model()
     checkpoint_sha256 = file_sha256(run.best_checkpoint)

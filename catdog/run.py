@@ -87,6 +87,11 @@ class RunDir:
     def sweep_plot(self) -> Path:
         return self.sweep_dir / "accuracy_vs_k.png"
 
+    @property
+    def sweep_tune_dir(self) -> Path:
+        """Ray Tune's experiment folder (``Tuner.restore`` resumes from it)."""
+        return self.sweep_dir / "tune"
+
     # top activations (jobs/topact.py)
     @property
     def topact_dir(self) -> Path:

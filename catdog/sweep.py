@@ -125,9 +125,6 @@ def _is_axis(value) -> bool:
 def expand_spec(name: str, spec: ClassifierSpec) -> list[tuple[ClassifierSpec, dict]]:
     """A classifier's concrete parameter sets: the product of its ``{grid_search: [...]}`` parameters, in order."""
     axes = {key: value["grid_search"] for key, value in spec.params.items() if _is_axis(value)}
-    for key, values in axes.items():
-        if not values:
-            raise CatdogError(f"sweep.classifiers.{name}.params.{key}: grid_search needs at least one value")
     if not axes:
         return [(spec, {})]
     out = []
@@ -267,7 +264,7 @@ def run_tune(run: RunDir, data: SplitData, order: np.ndarray, todo: list[Cell], 
     """Run the ``todo`` cells as the Tune experiment ``RUN/sweep/tune/grid`` (needs a Ray session), restoring
     it when a run of the same cells was interrupted. Each result lands in ``finished`` (then ``save()``).
     Returns the cells fitted by this call, as ``"<classifier and hyperparameters> k=<k> (<trial id>)"``."""
-    tune_dir = run.sweep_dir / "tune"
+    tune_dir = run.sweep_tune_dir
     experiment = tune_dir / EXPERIMENT
     cells_file = tune_dir / "cells.json"
     by_key = {cell.key: cell for cell in all_cells}

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from catdog import models
 from catdog.config import SPLITS, Config, OptimConfig, save_config
-from catdog.devices import accelerator_for
+from catdog.devices import accelerator_for, require_shared_folder
 from catdog.data import find_classes, open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json, write_text
@@ -144,6 +144,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         raise CatdogError(f"run {run.path} already has a training state (last.pt): continue it with "
                           f"jobs/train.py --out {run.path} --data DATA_ROOT --resume, or choose another --out")
     accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads)
+    require_shared_folder(accelerator, run.path, "--out")
     channels_last = config.train.channels_last
 
     # data: the three splits, the train one augmented and shuffled

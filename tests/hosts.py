@@ -225,8 +225,11 @@ class Hosts:
         if self._closed:
             return
         self._closed = True
-        for host in self.hosts:
-            host.kill_all()
+        everyone = Host(self.hosts[0].netns, "", 0) if self.hosts else None
+        if everyone is not None:  # all hosts at once: one grace period, not one per host
+            everyone.pids = lambda: [pid for host in self.hosts for pid in host.pids()]
+            everyone.procs = [proc for host in self.hosts for proc in host.procs]
+            everyone.kill_all()
         for host in self.hosts:
             _ip("netns", "del", host.netns, check=False)
         if any(line.split()[:1] == [self.switch] for line in _ip("netns", "list", check=False).stdout.splitlines()):

@@ -177,3 +177,10 @@ def test_damaged_shard_in_later_stages(tiny_run, synthetic_root, tmp_path, monke
         error = run_job(job, ["--run", run, *extra], monkeypatch, capsys)
         assert "train-0001.h5" in error and "jobs/extract.py" in error
     assert not (run / "forest").exists()
+
+
+@pytest.mark.parametrize("job", ["forest", "sweep"])
+def test_a_run_directory_that_is_not_one(job, tmp_path, monkeypatch, capsys):
+    error = run_job(job, ["--run", tmp_path / "nowhere"], monkeypatch, capsys)
+    assert f"run {tmp_path / 'nowhere'}: no config.yaml" in error
+    assert not (tmp_path / "nowhere").exists()

@@ -116,7 +116,11 @@ def accel_config(base: Path) -> Path:
 
 def launch(hosts, base, name: str, machines: list[int], script_args: list[str], port: int, timeout=400):
     """``accelerate launch`` of a job on ``machines`` (host indexes), one process per host, or two processes on
-    one host when a single machine is given; returns each host's log."""
+    one host when a single machine is given; waits, and returns each host's log."""
+    return finish(name, *start_launch(hosts, base, name, machines, script_args, port), timeout=timeout)
+
+
+def start_launch(hosts, base, name: str, machines: list[int], script_args: list[str], port: int):
     procs, logs = [], []
     for rank, h in enumerate(machines):
         host = hosts[h]
@@ -132,6 +136,10 @@ def launch(hosts, base, name: str, machines: list[int], script_args: list[str], 
         procs.append(host.popen([ACCELERATE, "launch", *topology, *script_args], log=log,
                                 env={"GLOO_SOCKET_IFNAME": "eth0" if len(machines) > 1 else "lo",
                                      "CATDOG_PROGRESS_SECONDS": "1000"}))
+    return procs, logs
+
+
+def finish(name: str, procs: list, logs: list, timeout: float = 400) -> list[str]:
     deadline = time.monotonic() + timeout
     for proc, log in zip(procs, logs):
         try:
@@ -148,8 +156,10 @@ def test_accelerate_train_and_extract_across_two_hosts(hosts, base, accel_data):
     config = accel_config(base)
     one, two = base / "work" / "one-host", base / "work" / "two-hosts"
     train = [str(REPO / "jobs" / "train.py"), "--config", str(config), "--data", str(accel_data)]
-    launch(hosts, base, "train-one-host", [0], [*train, "--out", str(one)], 29500)
+    # both layouts at once (they share nothing but the data; each is deterministic)
+    reference = start_launch(hosts, base, "train-one-host", [0], [*train, "--out", str(one)], 29500)
     logs = launch(hosts, base, "train-two-hosts", [0, 1], [*train, "--out", str(two)], 29501)
+    finish("train-one-host", *reference)
     a, b = (json.loads((run / "summary.json").read_text()) for run in (one, two))
     print(f"one host, 2 processes: test {a['best_test_accuracy']:.4f} val {a['val_accuracy']:.4f}; "
           f"two hosts, 1 process each: test {b['best_test_accuracy']:.4f} val {b['val_accuracy']:.4f}")
