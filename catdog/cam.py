@@ -328,7 +328,7 @@ def draw_sanity(models: list[dict], threshold: float, path: Path) -> None:
         axis.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"flag at {threshold:g}")
         axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
         axis.set(ylabel="Spearman vs trained", ylim=(-0.3, 1.05),
-                 title=f"{model['model']} ({Path(model['run']).name}): randomised from the top down to each layer")
+                 title=f"{model['model']} ({Path(model['run']).name}): cascading randomisation, top down")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     with atomic_path(path) as tmp:
