@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # catdog, the whole pipeline in one command:
-#   prepare -> train -> gradcam -> extract -> forest -> sweep -> topact -> report
+#   prepare -> train -> gradcam -> extract -> forest -> sweep -> topact -> concepts -> report
 # Stages whose outputs are complete are skipped, so running it again after a kill resumes where it stopped.
 #
 #   ./launch.sh [--data DIR] [--models NAME[,NAME...]] [--out DIR] [--source DIR] [--processes N]
@@ -101,6 +101,9 @@ for run in "${RUNS[@]}"; do
   stage "topact $run"
   if done_stage "$run" topact; then skip topact "$MARKER"
   else python jobs/topact.py --run "$run" --data "$DATA" ${SETS[@]+"${SETS[@]}"}; fi
+  stage "concepts $run"
+  if done_stage "$run" concepts; then skip concepts "$MARKER"
+  else python jobs/concepts.py ${SETS[@]+"${SETS[@]}"} --run "$run" --data "$DATA"; fi
 done
 
 stage "report -> $OUT/report"   # always rewritten: it shows every stage as it is now

@@ -25,7 +25,7 @@ from catdog.errors import CatdogError
 from catdog.io import read_json, write_json, write_text
 from catdog.run import RunDir
 
-SEED_VAL_ACCURACY = {"resnet101": 0.9825, "convnext_tiny": 0.9880}
+SEED_VAL_ACCURACY = {"resnet101.tv2_in1k": 0.9825, "convnext_tiny": 0.9880}
 """The seed notebook's val accuracies, for comparison."""
 
 CSS = """
@@ -295,6 +295,10 @@ def _forest_html(run: dict) -> str:
     return title + _table(["split", "accuracy"], accuracies, numeric={1}) + _table(["", "value"], details)
 
 
+HIDDEN_SWEEP_COLUMNS = {"node_id", "trial_id"}
+"""Ray's and Tune's long random ids: in results.csv, not on the page (``node`` is shown)."""
+
+
 def _sweep_html(run: dict) -> str:
     sweep = run["sweep"]
     title = "<h3>Top-k features sweep</h3>"
@@ -302,7 +306,7 @@ def _sweep_html(run: dict) -> str:
         return title + _missing_html(sweep)
     if not sweep["rows"]:
         return title + '<p class="missing">results.csv has no rows yet</p>'
-    headers = list(sweep["rows"][0])
+    headers = [h for h in sweep["rows"][0] if h not in HIDDEN_SWEEP_COLUMNS]
     rows = [[_percent(row[h]) if h.endswith("accuracy") and row[h] else row[h] for h in headers]
             for row in sweep["rows"]]
     numeric = {i for i, h in enumerate(headers) if h in ("k", "n_features", "fit_seconds") or h.endswith("accuracy")}

@@ -58,7 +58,8 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     sets = ["data.image_size=64", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
             "optim.epochs=1", "extract.batch_size=8", "extract.num_workers=0", "extract.shard_size=16",
             "gradcam.images_per_class=2", "gradcam.faithfulness_images=6", "sweep.ks=[4,all]",
-            "topact.features_per_class=2", "topact.images_per_feature=4", "topact.selectivity_top=10"]
+            "topact.features_per_class=2", "topact.images_per_feature=4", "topact.selectivity_top=10",
+            "concepts.concepts=2", "concepts.passes=1", "concepts.images_per_concept=4", "concepts.random_directions=2"]
     command = ["./launch.sh", "--data", str(three_classes), "--models", "efficientnet_lite0", "--out", str(out)]
     for item in sets:
         command += ["--set", item]
@@ -66,11 +67,12 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = RunDir(out / "efficientnet_lite0")
-    for stage in ("train", "extract", "forest", "sweep", "topact"):
+    for stage in ("train", "extract", "forest", "sweep", "topact", "concepts"):
         assert run.stage_marker(stage).is_file(), stage
     assert run.config().optim.epochs == 1
     index = json.loads(run.topact_index.read_text())
     assert list(index["classes"]) == list(CLASSES)
+    assert list(json.loads(run.concepts_index.read_text())["classes"]) == list(CLASSES)
     report = json.loads((out / "report" / "summary.json").read_text())
     assert report["runs"][0]["training"]["classes"] == list(CLASSES)
     page = (out / "report" / "index.html").read_text()
@@ -78,4 +80,4 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     assert "\r" not in done.stderr and max(map(len, done.stderr.splitlines())) < 300
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 7, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 8, again.stdout[-2000:]
