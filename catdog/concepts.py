@@ -41,7 +41,7 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.progress import progress_bar
 from catdog.run import RunDir
-from catdog.store import FeatureStore
+from catdog.store import FeatureStore, load_store_image
 from catdog.topact import empty_topk, update_topk
 
 log = logging.getLogger(__name__)
@@ -213,15 +213,6 @@ def class_concepts(run_path: str, class_name: str, cfg: ConceptsConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- figures
 
-def _load_image(data_root: Path, relative: str, size: int) -> Image.Image:
-    path = data_root / relative
-    if not path.is_file():
-        raise CatdogError(f"concepts: image {relative} of the feature store is missing under {data_root}; "
-                          "pass the --data root the features were extracted from")
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((size, size), Image.BILINEAR)
-
-
 def _upsample(heat: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(heat.astype(np.float32)).resize((size, size), Image.BILINEAR))
 
@@ -312,7 +303,7 @@ def _sample_figure(run: RunDir, network, store: FeatureStore, part: dict, data_r
     components = np.asarray(part["components"])
     u = coefficient_maps(transform(components, positions(maps)), len(maps), maps.shape[2:])
     size = store.manifest["image_size"]
-    photos = [_load_image(data_root, p, size) for p in relative]
+    photos = [load_store_image(data_root, p, size) for p in relative]
     titles = [Path(p).name for p in relative]
     concept_titles = [f"concept {c['concept']}" for c in part["concepts"]]
     draw_samples(photos, cams, u, titles, method, concept_titles, config.concepts.overlay_alpha, path)
@@ -337,7 +328,7 @@ def _draw_class(run: RunDir, network, store: FeatureStore, part: dict, data_root
                    "position": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)]}
                   for r, v, h in zip(rows, concept["top_values"], heat)]
         draw_concept_montage(
-            [_load_image(data_root, image["path"], size) for image in images], heat,
+            [load_store_image(data_root, image["path"], size) for image in images], heat,
             [f"{image['value']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
             f"{part['class']}: concept {concept['concept']} of {len(components)}; logit drop when removed "
             f"{concept['importance']:.3f} vs {concept['random_importance']:.3f} for a random direction; "

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, is_temp_path, read_json, write_json
@@ -436,3 +437,13 @@ class FeatureStore:
     def _need_spatial(self) -> None:
         if not self.has_spatial:
             raise CatdogError(f"feature store {self.path}: extracted without spatial maps (extract.spatial=false)")
+
+
+def load_store_image(data_root: str | os.PathLike, relative: str, size: int) -> Image.Image:
+    """A stored row's image (``paths`` are relative to the data root) as the network saw it: ``size`` x ``size``."""
+    path = Path(data_root) / relative
+    if not path.is_file():
+        raise CatdogError(f"image {relative} of the feature store is missing under {data_root}; pass the --data "
+                          "root the features were extracted from")
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((size, size), Image.BILINEAR)

@@ -36,7 +36,7 @@ from catdog.io import atomic_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
 from catdog.run import RunDir
-from catdog.store import FeatureStore, read_shard
+from catdog.store import FeatureStore, load_store_image, read_shard
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def montage_inputs(entry: dict, class_name: str, store: FeatureStore, cfg: Topac
     size = store.manifest["image_size"]
     images = entry["images"]
     shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in entry["class_shares"].items())
-    return ([np.asarray(_load_image(data_root, image["path"], size)) for image in images],
+    return ([np.asarray(load_store_image(data_root, image["path"], size)) for image in images],
             store.spatial(cfg.split, [image["row"] for image in images])[:, entry["feature"]].astype(np.float32),
             [f"{image['activation']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
             f"{class_name}: feature {entry['feature']} (rank {entry['rank']}), top {len(images)} "
@@ -276,13 +276,3 @@ def draw_feature(entry: dict, class_name: str, store: FeatureStore, cfg: TopactC
     png = montage_png(*montage_inputs(entry, class_name, store, cfg, data_root))
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(png)
-
-
-def _load_image(data_root: Path, relative: str, size: int) -> Image.Image:
-    """The image as the network saw it: resized to ``size`` x ``size``."""
-    path = data_root / relative
-    if not path.is_file():
-        raise CatdogError(f"topact: image {relative} of the feature store is missing under {data_root}; "
-                          "pass the --data root the features were extracted from")
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((size, size), Image.BILINEAR)
