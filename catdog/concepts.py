@@ -41,7 +41,7 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.progress import progress_bar
 from catdog.run import RunDir
-from catdog.store import FeatureStore, load_store_image
+from catdog.store import FeatureStore, load_store_image, require_maps_and_images
 from catdog.topact import empty_topk, update_topk
 
 log = logging.getLogger(__name__)
@@ -352,12 +352,7 @@ def _identity(run: RunDir, store: FeatureStore, class_name: str, cfg: ConceptsCo
 
 
 def _check(run: RunDir, store: FeatureStore, data_root: Path, cfg: ConceptsConfig) -> None:
-    if not data_root.is_dir():
-        raise CatdogError(f"data root {data_root}: no such directory; pass the --data root the features were "
-                          "extracted from")
-    if not store.has_spatial:
-        raise CatdogError(f"feature store {store.path}: extracted without spatial maps (extract.spatial=false); "
-                          "concepts need them: extract again with extract.spatial=true")
+    require_maps_and_images(store, data_root, "concepts")
     for split in (cfg.split, cfg.importance_split, "val"):
         store.shard_infos(split)  # a one-line error naming the store's splits
     run.summary()

@@ -447,3 +447,14 @@ def load_store_image(data_root: str | os.PathLike, relative: str, size: int) -> 
                           "root the features were extracted from")
     with Image.open(path) as image:
         return image.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
+def require_maps_and_images(store: "FeatureStore", data_root: str | os.PathLike, purpose: str) -> None:
+    """What drawing on stored maps needs (the montages, the concepts): spatial maps in the store, and the data root
+    its paths are relative to."""
+    if not Path(data_root).is_dir():
+        raise CatdogError(f"data root {data_root}: no such directory; pass the --data root the features were "
+                          "extracted from")
+    if not store.has_spatial:
+        raise CatdogError(f"feature store {store.path}: extracted without spatial maps (extract.spatial=false); "
+                          f"{purpose} need them: extract again with extract.spatial=true")

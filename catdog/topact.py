@@ -31,12 +31,11 @@ from PIL import Image
 
 from catdog.cluster import ray_session, resolve_address
 from catdog.config import Config, TopactConfig, save_config
-from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
 from catdog.run import RunDir
-from catdog.store import FeatureStore, load_store_image, read_shard
+from catdog.store import FeatureStore, load_store_image, read_shard, require_maps_and_images
 
 
 @dataclass(frozen=True)
@@ -174,15 +173,6 @@ def draw_montage(images: list[Image.Image], maps: np.ndarray, titles: list[str],
         Path(tmp).write_bytes(png)
 
 
-def _check_inputs(store: FeatureStore, data_root: Path) -> None:
-    if not data_root.is_dir():
-        raise CatdogError(f"data root {data_root}: no such directory; pass the --data root the features were "
-                          "extracted from")
-    if not store.has_spatial:
-        raise CatdogError(f"feature store {store.path}: extracted without spatial maps (extract.spatial=false); "
-                          "the montages need them: extract again with extract.spatial=true")
-
-
 def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config: Config,
                address: str | None = None, verify: bool = False) -> dict:
     """The top-activation job: search on Ray, then a montage per feature (drawn on Ray) and ``index.json``;
@@ -195,7 +185,7 @@ def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config:
     """
     run, data_root, tcfg = RunDir(run_dir), Path(data_root), config.topact
     store = FeatureStore(run.features_dir, verify=verify)
-    _check_inputs(store, data_root)
+    require_maps_and_images(store, data_root, "the montages")
     chosen = {name: read_ranking(run, name, store.feature_dim)[:tcfg.features_per_class]
               for name in store.classes}
     feature_idx = np.unique(np.concatenate(list(chosen.values())))
