@@ -91,19 +91,24 @@ def _submodule(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def find_cam_layer(backbone: nn.Module, image_size: int) -> str:
+def find_cam_layer(name: str, backbone: nn.Module) -> str:
     """The module whose output is ``forward_features``' map: of the modules that return that very tensor, the
-    outermost one (an ``Identity`` after it, e.g. ConvNeXt's ``norm_pre``, is skipped)."""
-    producers: list[str] = []
+    outermost one (an ``Identity`` after it, e.g. ConvNeXt's ``norm_pre``, is skipped). The same traced pass
+    refuses models whose features are tokens rather than a C x h x w map."""
+    size = _probe_size(name)
     outputs: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
              for name, module in backbone.named_modules() if name and not isinstance(module, nn.Identity)]
     try:
         with torch.no_grad():
-            fmap = backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+            fmap = backbone.eval().forward_features(torch.zeros(1, 3, size, size))
     finally:
         for hook in hooks:
             hook.remove()
+    if fmap.dim() != 4:
+        raise CatdogError(f"model.name: {name}'s features are tokens {tuple(fmap.shape)}, not a C x h x w map; "
+                          "catdog needs a convolutional model (ResNet, ConvNeXt, EfficientNet, RegNet, ...): "
+                          "transformer models are not supported yet")
     producers = [name for name, out in outputs.items() if out is fmap]
     if not producers:
         raise CatdogError(f"model.cam_layer: cannot tell which module of {type(backbone).__name__} makes its feature "
@@ -114,11 +119,11 @@ def find_cam_layer(backbone: nn.Module, image_size: int) -> str:
 class Network(nn.Module):
     """A timm backbone with a new head, exposing spatial maps, pooled features, the CAM layer and the stages."""
 
-    def __init__(self, name: str, backbone: nn.Module, cam_layer: str | None = None):
+    def __init__(self, name: str, backbone: nn.Module, cam_layer: str):
         super().__init__()
         self.name = name
         self.backbone = backbone
-        self.cam_layer_name = cam_layer or find_cam_layer(backbone, _probe_size(name))
+        self.cam_layer_name = cam_layer
         self.stages = _stages(backbone)
         self._frozen: list[nn.Module] = []
 
@@ -266,22 +271,16 @@ def create(name: str, num_classes: int, pretrained: str = "imagenet", drop_rate:
            freeze_stages: int = 0, cam_layer: str | None = None) -> Network:
     """Any timm model with a fresh ``num_classes`` head; models without a C x h x w feature map are refused."""
     backbone = _build_backbone(name, pretrained, drop_rate)
-    size = _probe_size(name)
-    with torch.no_grad():
-        probe = backbone.eval().forward_features(torch.zeros(1, 3, size, size))
-    if probe.dim() != 4:
-        raise CatdogError(f"model.name: {name}'s features are tokens {tuple(probe.shape)}, not a C x h x w map; "
-                          "catdog needs a convolutional model (ResNet, ConvNeXt, EfficientNet, RegNet, ...): "
-                          "transformer models are not supported yet")
+    traced = find_cam_layer(name, backbone)  # also refuses token models, whatever model.cam_layer says
     backbone.reset_classifier(num_classes)
-    network = Network(name, backbone, cam_layer)
+    network = Network(name, backbone, cam_layer or traced)
     network.freeze_stages(freeze_stages)
     return network.train()
 
 
 def cam_layer_name(name: str, configured: str | None = None) -> str:
     """The Grad-CAM layer ``create`` would use for ``name`` (``model.cam_layer`` when set), without weights."""
-    return configured or Network(name, timm.create_model(timm_name(name), pretrained=False).eval()).cam_layer_name
+    return configured or find_cam_layer(name, timm.create_model(timm_name(name), pretrained=False))
 
 
 def imagenet_backbone(name: str, pretrained: str = "imagenet") -> nn.Module:
