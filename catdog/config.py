@@ -54,6 +54,9 @@ class DataConfig(Section):
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
     num_workers: NonNegativeInt = 2
+    cache: bool = False
+    """Decode and resize each image once into a uint8 array file in the run (``RUN/cache``), memory-mapped, and
+    augment whole batches as tensors on the model's device: no JPEG decoding in the training loop."""
 
 
 class OptimConfig(Section):
@@ -64,6 +67,11 @@ class OptimConfig(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: NonNegativeFloat = 0.0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    backbone_lr_scale: PositiveFloat = 1.0
+    """Discriminative learning rates: the backbone learns at ``lr * backbone_lr_scale``, the head at ``lr``."""
+    head_init: Literal["random", "linear_probe"] = "random"
+    """``linear_probe`` starts fine-tuning from the fitted linear probe's head (LP-FT, Kumar et al. 2022), so the
+    first steps do not distort the pretrained features to fit a random head."""
 
 
 class TrainConfig(Section):
@@ -77,6 +85,20 @@ class TrainConfig(Section):
     (``accelerate launch`` itself sets OMP_NUM_THREADS=1, which would leave cores idle)."""
     max_train_batches: Optional[PositiveInt] = None
     """Stop each epoch after this many batches (smoke tests); ``None`` trains on everything."""
+    linear_probe: bool = True
+    """Fit a logistic regression on the frozen pretrained features before fine-tuning and report its accuracy
+    beside the fine-tuned model's (RUN/linear_probe.safetensors); ``optim.head_init=linear_probe`` needs it."""
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
+    """Evaluate and keep an exponential moving average of the weights (timm's ``ModelEmaV3``); ``None`` is off."""
+    tta_hflip: bool = False
+    """Evaluate on each image and its mirror image (mean of the two softmaxes)."""
+    log_with: Optional[str] = "tensorboard"
+    """An Accelerate tracker (tensorboard, wandb, mlflow, ...) logging to RUN/trackers; ``none`` turns it off."""
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _none_is_off(cls, value):
+        return None if value in (None, False, "none") else value
 
 
 class ExtractConfig(Section):

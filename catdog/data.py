@@ -114,8 +114,16 @@ def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
     return T.Compose(steps)
 
 
+def no_batch_transform(batch: torch.Tensor) -> torch.Tensor:
+    """The JPEG path's batches arrive ready (transformed per image in the loader's workers)."""
+    return batch
+
+
 class ImageDataset(Dataset):
-    """``(image tensor, label, index)`` for each sample of one split."""
+    """``(image tensor, label, index)`` for each sample of one split; ``batch_transform`` finishes each batch on
+    the model's device (see ``data.cache``)."""
+
+    batch_transform = staticmethod(no_batch_transform)
 
     def __init__(self, root: str | os.PathLike, split: str, classes: list[str], transform, image_size: int):
         self.root = Path(root)

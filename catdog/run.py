@@ -47,6 +47,21 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
+    @property
+    def linear_probe_path(self) -> Path:
+        """The linear probe's head on the frozen pretrained backbone (the classifier's state dict)."""
+        return self.path / "linear_probe.safetensors"
+
+    @property
+    def trackers_dir(self) -> Path:
+        """Accelerate trackers' logs (``tensorboard --logdir RUN/trackers``)."""
+        return self.path / "trackers"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Decoded images (``data.cache``), one uint8 array file per split."""
+        return self.path / "cache"
+
     # feature store (jobs/extract.py); the files inside belong to catdog.store
     @property
     def features_dir(self) -> Path:
@@ -110,11 +125,20 @@ class RunDir:
     def concepts_index(self) -> Path:
         return self.concepts_dir / "index.json"
 
+    # robustness (jobs/robustness.py)
+    @property
+    def robustness_dir(self) -> Path:
+        return self.path / "robustness"
+
+    @property
+    def robustness_summary(self) -> Path:
+        return self.robustness_dir / "summary.json"
+
     def stage_marker(self, stage: str) -> Path:
         """The file a stage writes last: the stage is complete when it exists (``resume``: training can resume)."""
         markers = {"resume": self.state_path, "train": self.summary_path, "extract": self.features_dir / "manifest.json",
                    "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index,
-                   "concepts": self.concepts_index}
+                   "concepts": self.concepts_index, "robustness": self.robustness_summary}
         if stage not in markers:
             raise CatdogError(f"stage {stage!r}: unknown; one of {', '.join(markers)}")
         return markers[stage]
