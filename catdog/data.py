@@ -149,7 +149,7 @@ class ImageDataset(Dataset):
 
 
 def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool = False,
-               classes: list[str] | None = None) -> ImageDataset:
+               classes: list[str] | None = None, cache_dir: Path | None = None) -> ImageDataset:
     """One split of a data root, with the train or eval transform."""
     classes = classes or find_classes(root)
     return ImageDataset(root, split, classes, build_transform(cfg, train), cfg.image_size)
