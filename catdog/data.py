@@ -119,6 +119,71 @@ def no_batch_transform(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
+class BatchTransform:
+    """``data.cache``'s transform, on whole uint8 batches ``(B, 3, H, W)`` on any device: to float32, for training
+    the JPEG path's augmentation drawn per image (horizontal flip with p = 0.5, rotation uniform in
+    ``[-rotation, rotation]`` degrees, nearest neighbour with zero fill like ``T.RandomRotation``; one
+    ``grid_sample`` for both), then the normalisation. Returns float32 ``(B, 3, H, W)`` on the batch's device.
+
+    The draws come from torch's global CPU generator (``set_seed`` / ``torch.manual_seed``), two per batch when both
+    augmentations are on (flips, then angles), so a seeded run draws the same augmentations on any device.
+    A plain object, so it pickles (DataLoader workers, ``accelerate launch``).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False, rotation: float = 0.0):
+        self.mean, self.std, self.hflip, self.rotation = tuple(mean), tuple(std), hflip, float(rotation)
+
+    def __repr__(self) -> str:
+        return (f"BatchTransform(mean={self.mean}, std={self.std}, hflip={self.hflip}, "
+                f"rotation={self.rotation})")
+
+    def draw(self, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-image flips (bool) and angles (degrees) for a batch, or None for an augmentation that is off."""
+        flips = torch.rand(batch_size) < 0.5 if self.hflip else None
+        angles = (torch.rand(batch_size) * 2 - 1) * self.rotation if self.rotation > 0 else None
+        return flips, angles
+
+    @staticmethod
+    def augment(images: torch.Tensor, flips: torch.Tensor | None, angles: torch.Tensor | None) -> torch.Tensor:
+        """Flip the images where ``flips``, then rotate each by its angle (counter-clockwise degrees, as
+        ``torchvision.transforms.v2.functional.rotate``) about its centre; float images in, float images out."""
+        if angles is None:
+            if flips is None:
+                return images
+            return torch.where(flips.to(images.device)[:, None, None, None], images.flip(-1), images)
+        # affine_grid's theta maps each output pixel (x, y in [-1, 1], y down) to the input pixel it samples:
+        # undo the rotation, then the flip
+        radians = torch.deg2rad(angles.double())
+        cos, sin = torch.cos(radians), torch.sin(radians)
+        sign = 1.0 - 2.0 * flips.double() if flips is not None else torch.ones_like(cos)
+        theta = torch.zeros(len(angles), 2, 3, dtype=torch.float64)
+        theta[:, 0, 0], theta[:, 0, 1] = sign * cos, -sign * sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+        theta = theta.to(device=images.device, dtype=images.dtype)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(images, grid, mode="nearest", padding_mode="zeros",
+                                               align_corners=False)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"BatchTransform expects uint8 batches (data.cache), got {images.dtype}")
+        batch = images.float()
+        if self.hflip or self.rotation > 0:
+            batch = self.augment(batch, *self.draw(len(batch)))
+        # (x / 255 - mean) / std, in one pass
+        scale = torch.tensor([1 / (255 * s) for s in self.std], device=batch.device).view(1, -1, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=batch.device).view(1, -1, 1, 1)
+        return batch.mul_(scale).sub_(shift)
+
+
+def build_batch_transform(cfg: DataConfig, train: bool) -> BatchTransform:
+    """``data.cache``'s counterpart of ``build_transform`` (the resize happened when the cache was built)."""
+    if cfg.mean is None or cfg.std is None:
+        raise ValueError("data config not resolved (mean, std unset): use catdog.models.data_config")
+    return BatchTransform(cfg.mean, cfg.std, hflip=train and cfg.hflip, rotation=cfg.rotation if train else 0.0)
+
+
 class ImageDataset(Dataset):
     """``(image tensor, label, index)`` for each sample of one split; ``batch_transform`` finishes each batch on
     the model's device (see ``data.cache``)."""
@@ -149,7 +214,18 @@ class ImageDataset(Dataset):
 
 
 def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool = False,
-               classes: list[str] | None = None, cache_dir: Path | None = None) -> ImageDataset:
-    """One split of a data root, with the train or eval transform."""
+               classes: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """One split of a data root, with the train or eval transform.
+
+    With ``cfg.cache`` and a ``cache_dir`` (``RunDir.cache_dir``): a ``catdog.cache.CachedImageDataset``, whose
+    items are uint8 images already resized, read from ``cache_dir/<split>.npy`` (built on first use), and whose
+    ``batch_transform`` the loop applies to each batch on its device (the augmentation and normalisation).
+    Otherwise each image is decoded and transformed in the loader and ``batch_transform`` does nothing.
+    """
     classes = classes or find_classes(root)
+    if cfg.cache and cache_dir is not None:
+        from catdog.cache import CachedImageDataset
+
+        build_transform(cfg, train)  # the same check that the config is resolved
+        return CachedImageDataset(root, split, classes, cfg, train, cache_dir)
     return ImageDataset(root, split, classes, build_transform(cfg, train), cfg.image_size)
