@@ -1,7 +1,8 @@
 """The report: one self-contained HTML page (images as data URIs, inline CSS) and ``summary.json`` for all runs.
 
 Per run: training curves and accuracies next to the seed's, training time and speed, an architecture summary,
-the forest's accuracies, the top-k sweep, each class's top features with their montages, and each class's
+the linear probe's accuracies beside the fine-tuned ones, robustness to corruptions (fine-tuned against the linear
+probe), the forest's accuracies, the top-k sweep, each class's top features with their montages, and each class's
 concepts (importance against a random baseline, montages, maps beside the CAMs); across runs: the Grad-CAM grid,
 the faithfulness table (today's salient-vs-random score, grad-cam's ROAD and confidence change) and the sanity
 check (cascading randomisation) with its plot and flags. A stage that has not run yet is shown as missing, with
@@ -42,6 +43,7 @@ img { max-width: 100%; border: 1px solid #e2e2e2; }
 figure { margin: 1rem 0; }
 figcaption { font-size: .85rem; color: #555; }
 .flag { color: #8a1c1c; background: #fdecec; border-left: 4px solid #d04040; padding: .4rem .8rem; }
+tr.below td { background: #fdecec; color: #8a1c1c; }
 .missing { color: #a15c00; background: #fff6e5; border-left: 4px solid #f0a020; padding: .4rem .8rem; }
 code { background: #f3f3f3; padding: 0 .25rem; }
 """
@@ -86,8 +88,9 @@ def _training(run: RunDir, model_name: str) -> dict:
         return {**section, **_missing(f"accelerate launch jobs/train.py --config configs/{model_name}.yaml "
                                       f"--data DATA_ROOT --out {run.path}")}
     summary = run.summary()
-    keys = ("classes", "best_epoch", "best_test_accuracy", "val_accuracy", "epochs", "train_seconds",
-            "images_per_second", "device", "num_processes", "mixed_precision")
+    keys = ("classes", "best_epoch", "best_test_accuracy", "val_accuracy", "linear_probe_test_accuracy",
+            "linear_probe_val_accuracy", "epochs", "train_seconds", "images_per_second", "device", "num_processes",
+            "mixed_precision")
     return {**section, **{key: summary.get(key) for key in keys}}
 
 
@@ -99,6 +102,12 @@ def _forest(run: RunDir) -> dict:
         return _missing(f"accelerate launch jobs/extract.py --run {run.path} --data DATA_ROOT, then python jobs/forest.py "
                         f"--run {run.path}")
     return {"summary": read_json(path)}
+
+
+def _robustness(run: RunDir) -> dict:
+    if not run.robustness_summary.is_file():
+        return _missing(f"python jobs/robustness.py --run {run.path} --data DATA_ROOT")
+    return {"summary": read_json(run.robustness_summary)}
 
 
 def _sweep(run: RunDir) -> dict:
@@ -145,8 +154,8 @@ def collect_run(run: RunDir) -> dict:
     else:
         arch = {"missing": training["missing"]}
     return {"run": str(run.path), "model": model_name, "image_size": config.data.image_size, "training": training,
-            "architecture": arch, "forest": _forest(run), "sweep": _sweep(run), "topact": _topact(run),
-            "concepts": _concepts(run)}
+            "architecture": arch, "robustness": _robustness(run), "forest": _forest(run), "sweep": _sweep(run),
+            "topact": _topact(run), "concepts": _concepts(run)}
 
 
 def collect_gradcam(folder: str | os.PathLike | None, runs: list[RunDir]) -> dict:
@@ -200,9 +209,12 @@ def _cell(value, numeric: bool = False) -> str:
     return f'<td class="num">{_e(value)}</td>' if numeric else f"<td>{_e(value)}</td>"
 
 
-def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(),
+           row_classes: list[str | None] | None = None) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(v, i in numeric) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    opening = [f'<tr class="{_e(c)}">' if c else "<tr>" for c in (row_classes or [None] * len(rows))]
+    body = "".join(tag + "".join(_cell(v, i in numeric) for i, v in enumerate(row)) + "</tr>"
+                   for tag, row in zip(opening, rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -245,11 +257,15 @@ def _training_html(run: dict) -> str:
         parts.append(_missing_html(t))
     else:
         parts.append(_table(
-            ["best epoch", "best test accuracy", "val accuracy", "seed's val accuracy", "training time",
-             "train images/s", "device", "processes", "mixed precision"],
+            ["best epoch", "best test accuracy", "val accuracy", "linear probe test", "linear probe val",
+             "seed's val accuracy", "training time", "train images/s", "device", "processes", "mixed precision"],
             [[t["best_epoch"], _percent(t["best_test_accuracy"]), _percent(t["val_accuracy"]),
+              _percent(t.get("linear_probe_test_accuracy")), _percent(t.get("linear_probe_val_accuracy")),
               _percent(t["seed_val_accuracy"]), _duration(t["train_seconds"]), _number(t["images_per_second"]),
-              t["device"], t["num_processes"], t["mixed_precision"]]], numeric={0, 1, 2, 3, 4, 5}))
+              t["device"], t["num_processes"], t["mixed_precision"]]], numeric={0, 1, 2, 3, 4, 5, 6, 7}))
+        if t.get("linear_probe_val_accuracy") is not None:
+            parts.append("<p>Linear probe: a logistic regression on the frozen pretrained backbone's pooled features "
+                         "(the baseline fine-tuning has to beat).</p>")
     if t["curve"]:
         parts.append(_image(curves_png(t["curve"], f"{run['model']} ({run['run']})"), f"training curves of {run['run']}"))
         parts.append(_table(["epoch", "train loss", "test accuracy", "train images/s"],
@@ -293,6 +309,40 @@ def _forest_html(run: dict) -> str:
             value = ", ".join(str(v) for v in value[:10]) + (" …" if len(value) > 10 else "")
         details.append([key, _number(value)])
     return title + _table(["split", "accuracy"], accuracies, numeric={1}) + _table(["", "value"], details)
+
+
+def _points(value) -> str:
+    """A difference of two accuracies in percentage points, signed."""
+    return "—" if value is None else f"{100 * float(value):+.2f} pt"
+
+
+def _robustness_html(run: dict) -> str:
+    section = run["robustness"]
+    title = "<h3>Robustness: fine-tuned against the linear probe</h3>"
+    if "missing" in section:
+        return title + _missing_html(section)
+    s = section["summary"]
+    parts = [title, f"<p>Accuracy on the {s['images']:,} images of <code>{_e(s['data'])}/{_e(s['split'])}</code>, "
+                    f"clean and under ImageNet-C-style corruptions at severity {_e(s['severity'])} (torchvision "
+                    "<code>transforms.v2.functional</code> on the resized image, before normalisation; noise seed "
+                    f"{_e(s['seed'])}); autocast {_e(s['precision'])} on {_e(s['device'])}. <b>Difference</b>: "
+                    "fine-tuned minus linear probe; off its training distribution the fine-tuned model should not "
+                    "fall below the probe.</p>"]
+    if not s["linear_probe"]:
+        parts.append(f'<p class="missing">no linear probe: {_e(s.get("note") or "the fine-tuned model alone")}</p>')
+    rows, below = [], []
+    for name, r in [*s["results"].items(), ("mean of the corruptions", s["mean_corrupted"])]:
+        below.append("below" if r["difference"] is not None and r["difference"] < 0 else None)
+        params = s["corruptions"].get(name, {})
+        setting = ", ".join(f"{key} {value}" for key, value in params.items() if key not in ("function", "imagenet_c"))
+        rows.append([name, params.get("function", "—"), setting or "—", _percent(r["fine_tuned"]),
+                     _percent(r["linear_probe"]), _points(r["difference"]), "below the probe" if below[-1] else ""])
+    parts.append(_table(["corruption", "torchvision function", "parameters", "fine-tuned", "linear probe",
+                         "difference", ""], rows, numeric={3, 4, 5}, row_classes=below))
+    if s["below_linear_probe"]:
+        parts.append(f'<p class="flag">fine-tuned below the linear probe on: '
+                     f'{_e(", ".join(s["below_linear_probe"]))}</p>')
+    return "".join(parts)
 
 
 HIDDEN_SWEEP_COLUMNS = {"node_id", "trial_id"}
@@ -466,7 +516,8 @@ def render(runs: list[dict], gradcam: dict, generated: str) -> str:
     sections = []
     for run in runs:
         sections.append(f"<h2>{_e(run['model'])} <small>({_e(run['run'])})</small></h2>"
-                        + _training_html(run) + _architecture_html(run) + _forest_html(run) + _sweep_html(run)
+                        + _training_html(run) + _architecture_html(run) + _robustness_html(run)
+                        + _forest_html(run) + _sweep_html(run)
                         + _topact_html(run) + _concepts_html(run))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>catdog report</title><style>{CSS}</style></head><body>"

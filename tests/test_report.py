@@ -101,6 +101,27 @@ def add_later_stages(run: Path) -> None:
         "split": "train", "importance_split": "val", "concepts_per_class": 2, "factorisation": "NMF",
         "importance": "logit drop", "random_baseline": "random direction", "cam_method": "gradcam",
         "classes": classes})
+    write_json(run / "robustness" / "summary.json", made_up_robustness(str(run)))
+
+
+ROBUSTNESS = {"clean": (0.9, 0.8), "gaussian_noise": (0.6, 0.7), "gaussian_blur": (0.7, 0.5), "jpeg": (0.8, 0.75),
+              "brightness": (0.85, 0.8), "contrast": (0.5, 0.55)}
+"""Made-up (fine-tuned, linear probe) accuracies: noise and contrast below the probe."""
+
+
+def made_up_robustness(run: str) -> dict:
+    """A robustness summary in the layout jobs/robustness.py writes (its parameters from catdog.robustness)."""
+    from catdog.robustness import SEED, SEVERITY, corruption_parameters
+
+    results = {name: {"fine_tuned": ft, "linear_probe": lp, "difference": ft - lp, "fine_tuned_correct": round(ft * 20),
+                      "linear_probe_correct": round(lp * 20)} for name, (ft, lp) in ROBUSTNESS.items()}
+    corrupted = [r for name, r in results.items() if name != "clean"]
+    mean = {key: float(np.mean([r[key] for r in corrupted])) for key in ("fine_tuned", "linear_probe", "difference")}
+    return {"run": run, "model": "efficientnet_lite0", "data": "/data/other", "split": "val", "classes": ["cat", "dog"],
+            "images": 20, "skipped": [], "models": ["fine_tuned", "linear_probe"], "linear_probe": True, "note": None,
+            "precision": "no", "device": "cpu", "image_size": 64, "severity": SEVERITY, "seed": SEED,
+            "corruptions": corruption_parameters(64), "results": results, "mean_corrupted": mean,
+            "below_linear_probe": [name for name, r in results.items() if r["difference"] < 0], "seconds": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +146,12 @@ def test_report_of_a_run_with_missing_stages(tiny_run, tmp_path):
     (run,) = summary["runs"]
     assert 0 <= run["training"]["val_accuracy"] <= 1 and len(run["training"]["curve"]) == 1
     for stage, job in (("forest", "jobs/forest.py"), ("sweep", "jobs/sweep.py"), ("topact", "jobs/topact.py"),
-                       ("concepts", "jobs/concepts.py")):
+                       ("concepts", "jobs/concepts.py"), ("robustness", "jobs/robustness.py")):
         assert job in run[stage]["missing"]
         assert f"missing (run python {job}" in page or f"then python {job}" in page
+    assert run["robustness"]["missing"] == f"run python jobs/robustness.py --run {tiny_run} --data DATA_ROOT"
     assert "jobs/gradcam.py --runs" in summary["gradcam"]["missing"]
-    assert page.count('class="missing"') == 5
+    assert page.count('class="missing"') == 6
     assert "data:image/png;base64," in page  # the training curves
 
 
@@ -173,9 +195,9 @@ def test_full_report_shows_every_stage(full_report):
     # curves, gradcam grid and sanity plot, sweep plot, 4 top-activation montages, 4 concept montages and
     # 2 concept-sample figures; every image embedded, nothing fetched
     assert page.count("<img ") == 14 == page.count('src="data:image/png;base64,')
-    # overview, training x2, architecture, forest x2, sweep, topact x2, faithfulness, ROAD percentiles, sanity,
-    # concepts x2
-    assert page.count("<table>") == 14 and "{'" not in page  # no Python reprs leak into the page
+    # overview, training x2, architecture, robustness, forest x2, sweep, topact x2, faithfulness, ROAD percentiles,
+    # sanity, concepts x2
+    assert page.count("<table>") == 15 and "{'" not in page  # no Python reprs leak into the page
 
 
 def test_report_escapes_html_in_values(full_report, tmp_path):
@@ -195,7 +217,7 @@ def test_report_opens_in_headless_chromium(full_report, tmp_path):
     screenshot = full_report / "screenshot.png"
     result = browser_check(full_report / "index.html", tmp_path, screenshot)
     assert result["images"] == 14 and result["loaded"] == 14
-    assert result["tables"] == (full_report / "index.html").read_text().count("<table>") == 14
+    assert result["tables"] == (full_report / "index.html").read_text().count("<table>") == 15
     shot = Image.open(screenshot)
     assert shot.size == (1280, 2000)
     assert len(np.unique(np.asarray(shot.convert("L")))) > 20  # a rendered page, not a blank one
@@ -220,5 +242,80 @@ def test_sanity_flags_are_shown(full_report, tmp_path):
     methods["gradcam"]["sanity_flags"] = ["maps barely change when every layer is randomised"]
     methods["layercam"] = {**methods["gradcam"], "sanity_flags": []}
     page = render(summary["runs"], gradcam, "now")
-    assert page.count('class="flag"') == 1 and "flagged: efficientnet_lite0 gradcam" in page
+    assert page.count('class="flag">flagged:') == 1 and "flagged: efficientnet_lite0 gradcam" in page
     assert "efficientnet_lite0 layercam: passes" in page
+
+
+def _section(page: str, title: str) -> str:
+    """The HTML from the ``<h3>`` titled ``title`` up to the next heading."""
+    start = page.index(f"<h3>{title}")
+    return page[start:re.search(r"<h[1-3]>", page[start + 4:]).start() + start + 4]
+
+
+def _rows(html_table: str) -> list[list[str]]:
+    """Each body row's cells as text."""
+    body = html_table[html_table.index("<tbody>"):]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]
+
+
+def test_robustness_section_flags_rows_below_the_probe(full_report):
+    page = (full_report / "index.html").read_text()
+    summary = read_json(full_report / "summary.json")
+    robustness = summary["runs"][0]["robustness"]["summary"]
+    assert robustness["below_linear_probe"] == ["gaussian_noise", "contrast"]
+    section = _section(page, "Robustness")
+    assert "/data/other/val" in section and "severity 3" in section
+    rows = {row[0]: row for row in _rows(section)}
+    assert list(rows) == [*ROBUSTNESS, "mean of the corruptions"]
+    assert rows["clean"][3:] == ["90.00%", "80.00%", "+10.00 pt", ""]
+    assert rows["gaussian_noise"][3:] == ["60.00%", "70.00%", "-10.00 pt", "below the probe"]
+    assert rows["contrast"][6] == "below the probe" and rows["gaussian_blur"][6] == ""
+    assert rows["gaussian_noise"][1:3] == ["gaussian_noise", "mean 0.0, sigma 0.18, clip True, seed 0"]
+    assert rows["jpeg"][1:3] == ["jpeg", "quality 15"]
+    # the flagged rows are marked, and named in a flag box
+    assert section.count('<tr class="below">') == 2
+    assert re.findall(r'<tr class="below"><td>(\w+)</td>', section) == ["gaussian_noise", "contrast"]
+    assert '<p class="flag">fine-tuned below the linear probe on: gaussian_noise, contrast</p>' in section
+    mean_difference = np.mean([ft - lp for name, (ft, lp) in ROBUSTNESS.items() if name != "clean"])
+    assert rows["mean of the corruptions"][5] == f"{100 * mean_difference:+.2f} pt"
+
+
+def test_robustness_without_a_probe(full_report, tmp_path):
+    from catdog.report import render
+
+    summary = read_json(full_report / "summary.json")
+    robustness = summary["runs"][0]["robustness"]["summary"]
+    robustness.update(models=["fine_tuned"], linear_probe=False, below_linear_probe=[],
+                      note="RUN/linear_probe.safetensors is missing: scoring the fine-tuned model alone")
+    for result in [*robustness["results"].values(), robustness["mean_corrupted"]]:
+        result.update(linear_probe=None, difference=None)
+    section = _section(render(summary["runs"], summary["gradcam"], "now"), "Robustness")
+    assert "scoring the fine-tuned model alone" in section and 'class="flag"' not in section
+    assert "below" not in "".join(row[6] for row in _rows(section))
+    assert [row[3:6] for row in _rows(section)][0] == ["90.00%", "—", "—"]
+
+
+def test_linear_probe_beside_the_fine_tuned_accuracy(tiny_run, tmp_path):
+    """summary.json's linear_probe_{test,val}_accuracy in the training table; an older run without them: —."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train_summary = read_json(run / "summary.json")
+    write_json(run / "summary.json", {**train_summary, "linear_probe_test_accuracy": 0.9125,
+                                      "linear_probe_val_accuracy": 0.8875})
+    collected = report([run], tmp_path / "with")
+    assert collected["runs"][0]["training"]["linear_probe_val_accuracy"] == 0.8875
+    section = _section((tmp_path / "with" / "index.html").read_text(), "Training")
+    headers = re.findall(r"<th>(.*?)</th>", section)
+    (row, *_) = _rows(section)
+    cells = dict(zip(headers, row))
+    assert cells["linear probe test"] == "91.25%" and cells["linear probe val"] == "88.75%"
+    assert cells["val accuracy"] == f"{100 * train_summary['val_accuracy']:.2f}%"
+
+    write_json(run / "summary.json", {key: value for key, value in train_summary.items()
+                                      if not key.startswith("linear_probe")})
+    collected = report([run], tmp_path / "without")
+    assert collected["runs"][0]["training"]["linear_probe_test_accuracy"] is None
+    section = _section((tmp_path / "without" / "index.html").read_text(), "Training")
+    cells = dict(zip(re.findall(r"<th>(.*?)</th>", section), _rows(section)[0]))
+    assert cells["linear probe test"] == cells["linear probe val"] == "—"
+    assert "Linear probe:" not in section
