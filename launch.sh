@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # catdog, the whole pipeline in one command:
-#   prepare -> train -> gradcam -> extract -> forest -> sweep -> topact -> concepts -> report
+#   prepare -> train -> gradcam -> robustness -> extract -> forest -> sweep -> topact -> concepts -> report
 # Stages whose outputs are complete are skipped, so running it again after a kill resumes where it stopped.
 #
 #   ./launch.sh [--data DIR] [--models NAME[,NAME...]] [--out DIR] [--source DIR] [--processes N]
@@ -89,6 +89,9 @@ else
 fi
 
 for run in "${RUNS[@]}"; do
+  stage "robustness $run"   # needs only the trained run (and its linear probe) and the data
+  if done_stage "$run" robustness; then skip robustness "$MARKER"
+  else python jobs/robustness.py --run "$run" --data "$DATA" ${SETS[@]+"${SETS[@]}"}; fi
   stage "extract $run"
   if done_stage "$run" extract; then skip extract "$MARKER"
   else "${LAUNCH[@]}" jobs/extract.py --run "$run" --data "$DATA" ${SETS[@]+"${SETS[@]}"}; fi
