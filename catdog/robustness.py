@@ -27,7 +27,6 @@ model is therefore what ``jobs/predict.py --labelled DATA/SPLIT`` reports (on th
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -50,8 +49,6 @@ from catdog.io import write_json
 from catdog.predict import _collate, _Images, classification_metrics, list_labelled, resolve_precision
 from catdog.progress import progress_bar
 from catdog.run import RunDir
-
-log = logging.getLogger(__name__)
 
 SEVERITY = 3
 """ImageNet-C's severity (1..5) whose parameters the corruptions follow."""
