@@ -43,8 +43,10 @@ def use_cpu_cores(accelerator: Accelerator, threads: int | None = None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_processes))
 
 
-def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | None = None) -> tuple[Accelerator, str]:
-    """The job's ``Accelerator`` (the CPU when asked or when there is no GPU) and the precision it resolved to.
+def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | None = None,
+                    log_with: str | None = None, project_dir: Path | None = None) -> tuple[Accelerator, str]:
+    """The job's ``Accelerator`` (the CPU when asked or when there is no GPU) and the precision it resolved to;
+    ``log_with`` names a tracker writing under ``project_dir``.
 
     Accelerate keeps one precision per process; the one a job before this one chose (``train`` then
     ``extract`` in one notebook or test session) is forgotten first. The process group itself stays.
@@ -52,7 +54,7 @@ def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | 
     use_cpu = force_cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(precision_setting, use_cpu)
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=log_with, project_dir=project_dir)
     use_cpu_cores(accelerator, cpu_threads)
     return accelerator, precision
 

@@ -1,9 +1,10 @@
 """The fine-tuning loop, on Accelerate: one process or many, CPU or GPUs, read top to bottom.
 
-Per epoch: train, evaluate on ``test`` (every image counted once across processes), keep the best
-epoch's weights by test accuracy, save a resumable state. At the end: evaluate the best weights on ``val``.
-Each epoch starts from ``set_seed(seed + epoch)``, so a resumed run draws the same shuffles and
-augmentations as an uninterrupted one.
+First: the linear probe on the frozen pretrained features (``catdog.probe``), the baseline to beat and LP-FT's
+head. Per epoch: train, evaluate on ``test`` (every image counted once across processes), keep the best epoch's
+weights (the EMA's when ``train.ema_decay`` is set) by test accuracy, save a resumable state, log to Accelerate's
+trackers. At the end: evaluate the best weights on ``val``. Each epoch starts from ``set_seed(seed + epoch)``, so a
+resumed run draws the same shuffles and augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from catdog import models
+from catdog import models, probe
 from catdog.config import SPLITS, Config, OptimConfig, save_config
 from catdog.devices import accelerator_for, require_shared_folder
 from catdog.data import find_classes, open_split
@@ -29,7 +31,13 @@ from catdog.progress import progress_bar
 from catdog.run import RunDir
 
 
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, network: models.Network) -> torch.optim.Optimizer:
+    """The trainable parameters in two groups: the head at ``lr``, the backbone at ``lr * backbone_lr_scale``."""
+    head = {id(p) for p in network.head.parameters()}
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    params = [{"params": [p for p in trainable if id(p) in head], "lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) not in head], "lr": cfg.lr * cfg.backbone_lr_scale}]
+    params = [group for group in params if group["params"]]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -54,23 +62,35 @@ def build_scheduler(cfg: OptimConfig, optimizer, steps_per_epoch: int) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: bool) -> tuple[float, int]:
-    """Accuracy over the whole split; ``gather_for_metrics`` drops the padding added to even out processes."""
+def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: bool, batch_transform,
+             tta_hflip: bool = False) -> dict:
+    """Accuracy over the whole split (``gather_for_metrics`` drops the padding added to even out processes); with
+    ``tta_hflip`` also the accuracy of the mean softmax over each image and its mirror image."""
     model.eval()
-    correct = total = 0
+    correct = correct_tta = total = 0
     for images, labels, _ in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        images = batch_transform(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        predictions = model(images).argmax(dim=1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        with accelerator.autocast():
+            logits = model(images).float()
+            flipped = model(images.flip(-1)).float() if tta_hflip else logits
+        predictions = logits.argmax(dim=1)
+        predictions_tta = (logits.softmax(1) + flipped.softmax(1)).argmax(dim=1)
+        predictions, predictions_tta, labels = accelerator.gather_for_metrics((predictions, predictions_tta, labels))
         correct += (predictions == labels).sum().item()
+        correct_tta += (predictions_tta == labels).sum().item()
         total += labels.numel()
-    return correct / total, total
+    result = {"accuracy": correct / total, "images": total}
+    if tta_hflip:
+        result["accuracy_tta"] = correct_tta / total
+    return result
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator, epoch: int,
-                    steps: int, channels_last: bool) -> dict:
-    """One pass over this process's share of the train split (``steps`` batches in all processes together).
+                    steps: int, channels_last: bool, batch_transform, ema: ModelEmaV3 | None = None) -> dict:
+    """One pass over this process's share of the train split (``steps`` batches in all processes together),
+    updating the weight EMA after each step when there is one and logging loss and learning rate to the trackers.
 
     Returns the mean loss over every process's images, the images each process saw, and the seconds taken.
     """
@@ -80,9 +100,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
     images_per_rank = 0
     bar = progress_bar(total=steps // accelerator.num_processes or 1, desc=f"epoch {epoch}",
                        disable=not accelerator.is_local_main_process)
+    steps_per_rank = -(-steps // accelerator.num_processes)
     for step, (images, labels, _) in enumerate(loader):
         if step * accelerator.num_processes >= steps:
             break
+        images = batch_transform(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         loss = loss_fn(model(images), labels)
@@ -90,10 +112,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        global_step = (epoch - 1) * steps_per_rank + step + 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=global_step)
         loss_sum += loss.detach() * labels.numel()
         images_per_rank += labels.numel()
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
     bar.close()
     seconds = time.perf_counter() - start
     seen = accelerator.gather(torch.tensor([images_per_rank], device=accelerator.device))
@@ -107,26 +134,32 @@ def _save_atomic(tensors: dict, path: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
-def save_state(run: RunDir, accelerator: Accelerator, model, optimizer, scheduler, epoch: int, history: list[dict],
-               best: dict, improved: bool) -> None:
-    """After an epoch, on the main process: the best weights (when this epoch improved), the resumable state and
-    metrics.jsonl, each replaced atomically."""
+def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | None, optimizer, scheduler,
+               epoch: int, history: list[dict], best: dict, improved: bool) -> None:
+    """After an epoch, on the main process: the best weights (the EMA's when there is one, when this epoch
+    improved), the resumable state and metrics.jsonl, each replaced atomically."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         if improved:
-            _save_atomic(weights, run.best_checkpoint)
+            _save_atomic(ema.module.state_dict() if ema else weights, run.best_checkpoint)
         with atomic_path(run.state_path) as tmp:
-            torch.save({"epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "history": history, "best": best}, tmp)
+            torch.save({"epoch": epoch, "model": weights, "ema": ema.module.state_dict() if ema else None,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                        "best": best}, tmp)
         write_text(run.metrics_path, "".join(json.dumps(record) + "\n" for record in history))
     accelerator.wait_for_everyone()
 
 
-def _resume(run: RunDir, model, optimizer, scheduler) -> tuple[int, list[dict], dict]:
-    """Load ``last.pt`` into the model, optimizer and scheduler; returns the next epoch, history and best so far."""
+def _resume(run: RunDir, model, ema: ModelEmaV3 | None, optimizer, scheduler) -> tuple[int, list[dict], dict]:
+    """Load ``last.pt`` into the model, its EMA, optimizer and scheduler; returns the next epoch, history and best."""
     state = run.load_state()
     models.load_weights(model, state["model"], f"run {run.path}: last.pt")
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CatdogError(f"run {run.path}: last.pt has no weight EMA but train.ema_decay is set; resume with the "
+                              "run's own config.yaml (no --config), or train into a new --out")
+        models.load_weights(ema.module, state["ema"], f"run {run.path}: last.pt (EMA)")
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -136,6 +169,29 @@ def _resume(run: RunDir, model, optimizer, scheduler) -> tuple[int, list[dict], 
     return state["epoch"] + 1, state["history"], state["best"]
 
 
+def linear_probe(run: RunDir, network: models.Network, loaders: dict, accelerator: Accelerator, transforms: dict,
+                 config: Config) -> dict:
+    """Fit the linear probe on the pretrained features (once: a resumed run reads it back); returns its scores."""
+    if not run.linear_probe_path.exists():
+        features = {split: probe.pooled_features(network, loaders[split], accelerator, transforms[split],
+                                                 config.train.channels_last, f"linear probe: {split} features")
+                    for split in SPLITS}
+        state, scores = probe.fit(features["train"], features["test"], features["val"], config.train.seed)
+        if accelerator.is_main_process:
+            probe.save(run, state, scores)
+        accelerator.wait_for_everyone()
+    state, scores = probe.load(run)
+    accelerator.print(f"linear probe on the pretrained features (C = {scores['C']:g}): test "
+                      f"{scores['test_accuracy']:.2%}, val {scores['val_accuracy']:.2%}")
+    return {"state": state, **scores}
+
+
+def _tracker_config(config: Config) -> dict:
+    """The config flattened to ``section/key`` scalars, the form TensorBoard's hyperparameter table takes."""
+    return {f"{section}/{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+            for section, values in config.model_dump(mode="json").items() for key, value in values.items()}
+
+
 def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> dict:
     """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``. Returns the summary."""
     config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
@@ -143,37 +199,40 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     if run.state_path.exists() and not resume:
         raise CatdogError(f"run {run.path} already has a training state (last.pt): continue it with "
                           f"jobs/train.py --out {run.path} --data DATA_ROOT --resume, or choose another --out")
-    accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads)
+    if config.optim.head_init == "linear_probe" and not config.train.linear_probe:
+        raise CatdogError("optim.head_init=linear_probe needs the linear probe: set train.linear_probe=true")
+    accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads,
+                                             config.train.log_with, run.trackers_dir)
     require_shared_folder(accelerator, run.path, "--out")
     channels_last = config.train.channels_last
 
-    # data: the three splits, the train one augmented and shuffled
+    # data: the three splits, the train one augmented and shuffled, plus train without augmentation for the probe;
+    # each split's batch_transform finishes its batches on the device (data.cache)
     classes = find_classes(data_root)
-    splits = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes)
-              for split in SPLITS}
+    cache_dir = run.cache_dir if config.data.cache else None
+    splits = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
+                                cache_dir=cache_dir) for split in SPLITS}
+    plain_train = open_split(data_root, "train", config.data, classes=classes, cache_dir=cache_dir)
+    transforms = {split: dataset.batch_transform for split, dataset in splits.items()}
     loader_args = dict(num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
                        persistent_workers=config.data.num_workers > 0)
     train_loader = DataLoader(splits["train"], config.data.batch_size, shuffle=True, **loader_args)
+    probe_loader = DataLoader(plain_train, config.data.eval_batch_size, num_workers=config.data.num_workers)
     test_loader = DataLoader(splits["test"], config.data.eval_batch_size, **loader_args)
     val_loader = DataLoader(splits["val"], config.data.eval_batch_size, **loader_args)
     steps_per_epoch = min(len(train_loader), config.train.max_train_batches or len(train_loader))
 
     # model, optimizer, schedule (built on the unsharded loader's length: Accelerate steps a prepared scheduler once
-    # per process), and the state of a killed run
+    # per process), the weight EMA, and the state of a killed run
     set_seed(config.train.seed)
     model = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
                           config.model.freeze_stages, config.model.cam_layer)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
+    optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer, steps_per_epoch)
-    start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
-    if resume and run.state_path.exists():
-        start_epoch, history, best = _resume(run, model, optimizer, scheduler)
-        accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
-                          f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
-    model, optimizer, train_loader, test_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, test_loader, val_loader, scheduler)
+    model, optimizer, train_loader, probe_loader, test_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, probe_loader, test_loader, val_loader, scheduler)
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(config, run.config_path)
@@ -181,39 +240,69 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
                       f"mixed precision {precision}, classes {classes}, train/test/val "
                       + "/".join(str(len(splits[split])) for split in SPLITS) + " images")
 
+    # the linear probe on the pretrained features: the baseline, and LP-FT's head
+    start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
+    resuming = resume and run.state_path.exists()
+    baseline = None
+    if config.train.linear_probe:
+        baseline = linear_probe(run, accelerator.unwrap_model(model), {"train": probe_loader, "test": test_loader,
+                                "val": val_loader}, accelerator, {**transforms, "train": plain_train.batch_transform},
+                                config)
+        if config.optim.head_init == "linear_probe" and not resuming:
+            accelerator.unwrap_model(model).head.load_state_dict(baseline["state"])
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.train.ema_decay, use_warmup=True) \
+        if config.train.ema_decay else None
+    if resuming:
+        start_epoch, history, best = _resume(run, accelerator.unwrap_model(model), ema, optimizer, scheduler)
+        accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
+                          f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
+    evaluated = ema.module if ema else model
+    accelerator.init_trackers("train", config=_tracker_config(config))
+
     # per epoch: train, evaluate on test, keep the best weights and a resumable state
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    selected = "accuracy_tta" if config.train.tta_hflip else "accuracy"
     for epoch in range(start_epoch, config.optim.epochs + 1):
         set_seed(config.train.seed + epoch, device_specific=True)
         epoch_start = time.perf_counter()
         record = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator,
-                                                    epoch, steps_per_epoch, channels_last)}
-        record["test_accuracy"], record["test_images"] = evaluate(model, test_loader, accelerator, "test",
-                                                                  channels_last)
-        record.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - epoch_start)
+                                                    epoch, steps_per_epoch, channels_last, transforms["train"], ema)}
+        test = evaluate(evaluated, test_loader, accelerator, "test", channels_last, transforms["test"],
+                        config.train.tta_hflip)
+        record.update(test_accuracy=test[selected], test_images=test["images"], lr=scheduler.get_last_lr()[0],
+                      seconds=time.perf_counter() - epoch_start)
+        if config.train.tta_hflip:
+            record["test_accuracy_no_tta"] = test["accuracy"]
         history.append(record)
+        accelerator.log({"test/accuracy": record["test_accuracy"], "train/epoch_loss": record["train_loss"],
+                         "train/images_per_second": record["images_per_second"]},
+                        step=epoch * -(-steps_per_epoch // accelerator.num_processes))
         accelerator.print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test {record['test_accuracy']:.2%} "
                           f"({record['test_images']} images), {record['images_per_second']:.1f} train images/s, "
                           f"{record['seconds']:.0f} s")
         improved = record["test_accuracy"] > best["test_accuracy"]
         if improved:
             best = {"epoch": epoch, "test_accuracy": record["test_accuracy"]}
-        save_state(run, accelerator, model, optimizer, scheduler, epoch, history, best, improved)
+        save_state(run, accelerator, model, ema, optimizer, scheduler, epoch, history, best, improved)
 
     # at the end: the best weights on val
     if not run.best_checkpoint.exists():
         raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
-    accelerator.unwrap_model(model).load_state_dict(run.load_weights())
-    val_accuracy, val_images = evaluate(model, val_loader, accelerator, "val", channels_last)
+    accelerator.unwrap_model(evaluated).load_state_dict(run.load_weights())
+    val = evaluate(evaluated, val_loader, accelerator, "val", channels_last, transforms["val"], config.train.tta_hflip)
     train_seconds = sum(r["train_seconds"] for r in history)
     summary = {
         "model": config.model.name,
         "classes": classes,
         "best_epoch": best["epoch"],
         "best_test_accuracy": best["test_accuracy"],
-        "val_accuracy": val_accuracy,
+        "val_accuracy": val[selected],
+        "tta_hflip": config.train.tta_hflip,
+        **({"val_accuracy_no_tta": val["accuracy"]} if config.train.tta_hflip else {}),
+        **({"linear_probe_test_accuracy": baseline["test_accuracy"],
+            "linear_probe_val_accuracy": baseline["val_accuracy"]} if baseline else {}),
         "test_images": history[-1]["test_images"],
-        "val_images": val_images,
+        "val_images": val["images"],
         "epochs": len(history),
         "train_seconds": train_seconds,
         "images_per_second": sum(sum(r["images_per_rank"]) for r in history) / train_seconds,
@@ -222,8 +311,11 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         "device": str(accelerator.device),
         "mixed_precision": precision,
     }
-    accelerator.print(f"best epoch {best['epoch']}: test {best['test_accuracy']:.2%}, val {val_accuracy:.2%} "
-                      f"({val_images} images)")
+    accelerator.log({"val/accuracy": summary["val_accuracy"]}, step=config.optim.epochs * -(-steps_per_epoch //
+                                                                                         accelerator.num_processes))
+    accelerator.print(f"best epoch {best['epoch']}: test {best['test_accuracy']:.2%}, val {summary['val_accuracy']:.2%} "
+                      f"({val['images']} images)" + (f"; linear probe: test {baseline['test_accuracy']:.2%}, val "
+                                                     f"{baseline['val_accuracy']:.2%}" if baseline else ""))
     if accelerator.is_main_process:
         write_json(run.summary_path, summary)
     accelerator.end_training()

@@ -130,3 +130,120 @@ def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_pat
     assert len(per_rank) == 2 and all(n <= 24 for n in per_rank) and sum(per_rank) >= 48
     # 14 test and 10 val images in batches of 4 over 2 ranks: padding is added and must not be counted
     assert (summary["test_images"], summary["val_images"]) == (14, 10)
+
+
+def test_linear_probe_is_reported_and_lp_ft_starts_from_its_head(tmp_path, synthetic_root):
+    from catdog import probe
+    from catdog.train import train
+
+    # a learning rate too small to move anything: the trained head must still be the probe's
+    summary = train(tiny_config("optim.head_init=linear_probe", "optim.lr=1e-12", "train.ema_decay=null",
+                                "train.log_with=none"), synthetic_root, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    state, scores = probe.load(run)
+    assert summary["linear_probe_test_accuracy"] == scores["test_accuracy"]
+    assert summary["linear_probe_val_accuracy"] == scores["val_accuracy"]
+    trained = load_file(run.best_checkpoint)
+    head = run.load_model()[0].head.state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(head[key], value, atol=1e-6, rtol=0)
+    assert len(trained) > len(state)
+    # and the probe network scores on val what the probe reported
+    network = probe.load_probe_network(run)
+    assert torch.equal(network.head.weight, state["weight"])
+
+
+def test_probe_fit_folds_sklearn_into_one_linear_layer():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from catdog import probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 2
+    def sample(n):
+        labels = rng.integers(0, 3, n)
+        return (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32), labels
+    train, test, val = sample(300), sample(100), sample(100)
+    state, scores = probe.fit(train, test, val, seed=0)
+    reference = LogisticRegression(C=scores["C"], max_iter=5000, random_state=0).fit(*train)
+    logits = torch.from_numpy(val[0]) @ state["weight"].T + state["bias"]
+    assert (logits.argmax(1).numpy() == reference.predict(val[0])).all()
+    assert scores["val_accuracy"] == pytest.approx(reference.score(*val))
+    assert scores["test_accuracy"] == max(LogisticRegression(C=c, max_iter=5000, random_state=0).fit(*train).score(*test)
+                                          for c in probe.REGULARISATION)
+
+
+def test_binary_probe_gives_sklearns_probabilities():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from catdog import probe
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    features = (labels[:, None] * 1.5 + rng.normal(size=(200, 8))).astype(np.float32)
+    state, scores = probe.fit((features, labels), (features, labels), (features, labels), seed=0)
+    reference = LogisticRegression(C=scores["C"], max_iter=5000, random_state=0).fit(features, labels)
+    probabilities = (torch.from_numpy(features) @ state["weight"].T + state["bias"]).softmax(1)
+    np.testing.assert_allclose(probabilities.numpy(), reference.predict_proba(features), atol=1e-5)
+
+
+def test_ema_weights_are_the_ones_kept_and_resumed(tmp_path, synthetic_root):
+    from catdog.train import train
+
+    train(tiny_config("train.ema_decay=0.5", "optim.lr=1e-3", "train.log_with=none"), synthetic_root, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    state = run.load_state()
+    best = load_file(run.best_checkpoint)
+    assert state["ema"] is not None
+    assert all(torch.equal(best[k], state["ema"][k]) for k in best)
+    moved = [k for k in best if best[k].is_floating_point() and not torch.equal(best[k], state["model"][k])]
+    assert moved, "the EMA should lag the trained weights"
+
+
+def test_hflip_tta_averages_the_softmax_of_each_image_and_its_mirror():
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from catdog.data import no_batch_transform
+    from catdog.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    images, labels = torch.randn(40, 3, 8, 8), torch.randint(0, 2, (40,))
+    model(images)
+    loader = DataLoader(TensorDataset(images, labels, torch.arange(40)), batch_size=16)
+    result = evaluate(model, loader, Accelerator(cpu=True), "test", False, no_batch_transform, tta_hflip=True)
+    with torch.no_grad():
+        mean = model(images).softmax(1) + model(images.flip(-1)).softmax(1)
+        plain = model(images).argmax(1)
+    assert result["accuracy"] * 40 == pytest.approx((plain == labels).sum().item())
+    assert result["accuracy_tta"] * 40 == pytest.approx((mean.argmax(1) == labels).sum().item())
+    assert (mean.argmax(1) != plain).any(), "the mirror images should change some predictions"
+
+
+def test_discriminative_learning_rates_put_the_head_at_lr():
+    from catdog import models
+    from catdog.train import build_optimizer
+
+    network = models.create("efficientnet_lite0", 2, pretrained="none", freeze_stages=4)
+    optimizer = build_optimizer(tiny_config("optim.lr=1e-3", "optim.backbone_lr_scale=0.1").optim, network)
+    head, backbone = optimizer.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in network.head.parameters()}
+    assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
+    assert all(p.requires_grad for p in backbone["params"])
+    assert len(backbone["params"]) == sum(p.requires_grad for p in network.parameters()) - 2
+
+
+def test_trackers_log_the_curves_to_tensorboard(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir(tiny_run)
+    events = EventAccumulator(str(run.trackers_dir / "train"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "test/accuracy", "train/images_per_second", "val/accuracy"} <= scalars
+    logged = [event.value for event in events.Scalars("test/accuracy")]
+    assert logged == pytest.approx([record["test_accuracy"] for record in run.metrics()])
+    assert len(events.Scalars("train/loss")) == -(-run.metrics()[-1]["images_per_rank"][0] // 8)  # one per step
