@@ -6,7 +6,8 @@ the loader: it is listed in ``skipped.csv`` with the reason instead.
 
 Evaluating a labelled folder repeats what ``catdog.train.evaluate`` did: the same listing of a class folder
 (``catdog.data.list_samples``: its files with an image suffix, sorted, not recursive), the run's eval transform and
-batch size, channels_last when the run trained with it, and autocast at the precision the run's ``summary.json``
+batch size, channels_last when the run trained with it, the mirror-image average when it evaluated with
+``train.tta_hflip``, and autocast at the precision the run's ``summary.json``
 records (Accelerate evaluates under the training autocast, e.g. bf16 on CPUs with AVX512-BF16). On the run's own
 val split the accuracy is therefore the ``val_accuracy`` of ``summary.json``, exactly.
 """
@@ -319,8 +320,14 @@ def predict(run_path: str | os.PathLike, out: str | os.PathLike, paths: Sequence
                     with autocast(device.type, precision):
                         batch = images.contiguous(memory_format=torch.channels_last) if channels_last else images
                         logits = network(batch).float()
-                    probabilities[indices] = logits.softmax(dim=1).cpu().numpy()
-                    predicted[indices] = logits.argmax(dim=1).cpu().numpy()  # argmax of the logits, as training
+                        mirrored = network(batch.flip(-1)).float() if config.train.tta_hflip else None
+                    if mirrored is None:
+                        probabilities[indices] = logits.softmax(dim=1).cpu().numpy()
+                        predicted[indices] = logits.argmax(dim=1).cpu().numpy()  # argmax of the logits, as training
+                    else:  # train.tta_hflip: the mean softmax of the image and its mirror image, as training
+                        mean = (logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2
+                        probabilities[indices] = mean.cpu().numpy()
+                        predicted[indices] = mean.argmax(dim=1).cpu().numpy()
                 if cam:
                     targets = torch.from_numpy(predicted[indices])
                     maps = class_activation_maps(network, CAM_METHOD, images, targets)  # in fp32, with gradients

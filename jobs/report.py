@@ -18,7 +18,7 @@ def main() -> None:
     writable_dir(args.out, "--out")
     summary = report(args.runs, args.out, args.gradcam)
     for run in summary["runs"]:
-        missing = [stage for stage in ("training", "architecture", "forest", "sweep", "topact", "concepts")
+        missing = [stage for stage in ("training", "architecture", "robustness", "forest", "sweep", "topact", "concepts")
                    if "missing" in run[stage]]
         print(f"{run['run']} ({run['model']}): missing stages: {', '.join(missing) or 'none'}")
     print(f"wrote {args.out}/index.html and {args.out}/summary.json")

@@ -67,7 +67,7 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = RunDir(out / "efficientnet_lite0")
-    for stage in ("train", "extract", "forest", "sweep", "topact", "concepts"):
+    for stage in ("train", "robustness", "extract", "forest", "sweep", "topact", "concepts"):
         assert run.stage_marker(stage).is_file(), stage
     assert run.config().optim.epochs == 1
     index = json.loads(run.topact_index.read_text())
@@ -80,4 +80,4 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     assert "\r" not in done.stderr and max(map(len, done.stderr.splitlines())) < 300
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 8, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 9, again.stdout[-2000:]
