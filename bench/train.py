@@ -1,0 +1,378 @@
+"""Does the input pipeline starve the training step? In one run, on the same shared photos and the same model:
+
+    python bench/train.py [--images 320] [--config configs/efficientnet_lite0.yaml] [--set data.num_workers=1 ...]
+                          [--rounds 1] [--timm-train PATH/timm/train.py [--timm-images 640] [--timm-cache]]
+
+(a) step alone: catdog's training step (forward, loss, ``accelerator.backward``, optimizer and scheduler step) on
+    batches decoded and augmented beforehand and held in memory: the ceiling for (c).
+(b) pipeline alone: the train DataLoader built exactly as ``catdog.train`` builds it (shuffled, the configured
+    workers, persistent, prepared by Accelerate) iterated without a model, each batch finished by the dataset's
+    ``batch_transform`` on the device: JPEG (decode, resize, flip, rotate, collate in the workers) and data.cache
+    (memory-mapped uint8 read in the workers or in the main process, then flip, rotate and normalise on the device).
+    Per core = images per CPU-second that the main process and its DataLoader workers spent (user + system, from
+    /proc via psutil): the rate one fully busy core sustains, whatever the number of workers.
+(c) training loop: ``catdog.train.train_one_epoch`` over the same loader, with the time the loop waited for its
+    next batch (data wait) measured around the loader.
+Then (c)/(a) per path: the share of the step's speed the real loop keeps (goal >= 0.95).
+
+Settings come from the config (default: the shipped Lite0 one, bundled ImageNet weights, its frozen stages, its
+precision resolved as catdog resolves it) and ``--set section.key=value``. The photos are ``--images`` train
+images spread over ../shared/data/cats_vs_dogs, linked into a temporary data root (never copied); the data.cache
+file is built there once (its build rate is printed). Each pass is seeded as catdog seeds an epoch, so (b) and
+(c) draw the same batches. The first pass over each loader (starting its persistent workers) is not timed.
+
+``--timm-train`` also runs timm's own train.py (one epoch, in a subprocess) against catdog's loop (JPEG path; also
+data.cache with ``--timm-cache``) in the same settings: random init, full fine-tune, batch 32, fp32, channels-last,
+2 workers, CPU, Adam at 1e-4 (timm's default optimizer is SGD; the step costs about the same), each with its own
+default augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip, rotation), over
+``--timm-images`` photos (``--skip-measure`` runs only this). timm's rate is parsed from its own per-step log lines
+(``Time: <s>``, log interval 1); catdog's comes from the same per-step times, taken around its loader; both over
+the epoch without its first step (worker start-up and the first batch's decoding), and with it in brackets.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from catdog import models
+from catdog import train as catdog_train
+from catdog.cli import run_job
+from catdog.config import load_config
+from catdog.data import find_classes, list_samples, open_split
+from catdog.devices import accelerator_for
+from catdog.errors import CatdogError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cats_vs_dogs"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chosen_images(data_root: Path, limit: int) -> list[Path]:
+    """``limit`` train images spread evenly over the split, so every class is in (as bench/extract.py picks)."""
+    samples = list_samples(data_root, "train", find_classes(data_root, ("train",)))
+    picks = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).astype(int))
+    return [samples[i].path for i in picks]
+
+
+def link_images(images: list[Path], data_root: Path, out: Path) -> Path:
+    """A data root of links to the chosen images, laid out as ``out/train/<class>/<file>``."""
+    for image in images:
+        link = out / image.relative_to(data_root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(image.resolve())
+    return out
+
+
+def cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) of this process and of each of its children (DataLoader workers), by pid."""
+    me = psutil.Process()
+    seconds = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return seconds
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """CPU seconds spent between two ``cpu_seconds`` readings by this process and by its children."""
+    me = os.getpid()
+    return after[me] - before[me], sum(after[pid] - before.get(pid, 0.0) for pid in after if pid != me)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedLoader:
+    """A loader that records when the loop asks for each batch and when it gets it; applies ``transform`` to the
+    images when the loop does not (a ``train_one_epoch`` without a ``batch_transform`` parameter)."""
+
+    def __init__(self, loader, transform=None):
+        self.loader, self.transform = loader, transform
+        self.asked: list[float] = []
+        self.got: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            self.asked.append(time.perf_counter())
+            try:
+                images, labels, index = next(batches)
+            except StopIteration:
+                return
+            if self.transform is not None:
+                images = self.transform(images)
+            self.got.append(time.perf_counter())
+            yield images, labels, index
+
+    @property
+    def wait(self) -> float:
+        return sum(got - asked for asked, got in zip(self.asked, self.got))
+
+
+class Bench:
+    """The model, optimizer and scheduler (prepared once) and the three measurements."""
+
+    def __init__(self, config, classes: list[str], steps: int):
+        self.config = config
+        self.accelerator, self.precision = accelerator_for(config.train.mixed_precision, config.train.cpu,
+                                                           config.train.cpu_threads)
+        self.device = self.accelerator.device
+        set_seed(config.train.seed)
+        network = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
+                                config.model.freeze_stages, config.model.cam_layer)
+        if config.train.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        wants = inspect.signature(catdog_train.build_optimizer).parameters
+        # catdog.train.build_optimizer takes the network (parameter groups) or, in older versions, the parameters
+        optimizer = catdog_train.build_optimizer(
+            config.optim, network if "network" in wants else [p for p in network.parameters() if p.requires_grad])
+        scheduler = catdog_train.build_scheduler(config.optim, optimizer, steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(network, optimizer, scheduler)
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+        self.trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in network.parameters())
+        self.loop_takes_transform = "batch_transform" in inspect.signature(catdog_train.train_one_epoch).parameters
+
+    def loader(self, dataset, num_workers: int):
+        """The train loader as ``catdog.train.train`` builds it."""
+        loader = DataLoader(dataset, self.config.data.batch_size, shuffle=True, num_workers=num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
+        return self.accelerator.prepare(loader)
+
+    def step_alone(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """(a): seconds for catdog's step over ready batches."""
+        self.model.train()
+        channels_last = self.config.train.channels_last
+        synchronize(self.device)
+        start = time.perf_counter()
+        for images, labels in batches:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            loss = self.loss_fn(self.model(images), labels)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+    def pipeline_alone(self, loader, batch_transform) -> tuple[float, float, float, int]:
+        """(b): seconds, CPU seconds of this process and of its workers, and images, for one seeded pass."""
+        set_seed(self.config.train.seed + 1, device_specific=True)
+        before, images_seen = cpu_seconds(), 0
+        synchronize(self.device)
+        start = time.perf_counter()
+        for images, labels, _ in loader:
+            images = batch_transform(images)
+            images_seen += len(labels)
+        synchronize(self.device)
+        wall = time.perf_counter() - start
+        return (wall, *cpu_split(before, cpu_seconds()), images_seen)
+
+    def loop(self, loader, batch_transform) -> tuple[dict, TimedLoader]:
+        """(c): ``catdog.train.train_one_epoch``, seeded as epoch 1 of a run."""
+        set_seed(self.config.train.seed + 1, device_specific=True)
+        timed = TimedLoader(loader, None if self.loop_takes_transform else batch_transform)
+        args = (self.model, timed, self.optimizer, self.scheduler, self.loss_fn, self.accelerator, 1, len(loader),
+                self.config.train.channels_last)
+        record = (catdog_train.train_one_epoch(*args, batch_transform) if self.loop_takes_transform
+                  else catdog_train.train_one_epoch(*args))
+        return record, timed
+
+
+def ready_batches(dataset, batch_size: int, batch_transform, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of one seeded, shuffled pass, decoded and augmented now (for (a))."""
+    set_seed(seed)
+    batches = []
+    for images, labels, _ in DataLoader(dataset, batch_size, shuffle=True, num_workers=min(2, os.cpu_count() or 1)):
+        batches.append((batch_transform(images), labels))
+    return batches
+
+
+def steady_rate(timed: TimedLoader, batch_size_of: list[int], end: float) -> float:
+    """Images per second from the end of the first step (the loop asking for batch 2) to ``end``."""
+    return sum(batch_size_of[1:]) / (end - timed.asked[1])
+
+
+def measure(args, config, data_root: Path, cache_dir: Path) -> None:
+    classes = find_classes(data_root, ("train",))
+    cfg = config.data
+    jpeg_set = open_split(data_root, "train", cfg, train=True, classes=classes)
+    start = time.perf_counter()
+    cache_set = open_split(data_root, "train", cfg.model_copy(update={"cache": True}), train=True, classes=classes,
+                           cache_dir=cache_dir)
+    build_seconds = time.perf_counter() - start
+    steps = -(-len(jpeg_set) // cfg.batch_size)
+    bench = Bench(config, classes, steps)
+    print(f"{config.model.name} ({bench.trainable / 1e6:.2f}M of {bench.total / 1e6:.2f}M parameters trained, "
+          f"freeze_stages {config.model.freeze_stages}, pretrained {config.model.pretrained}), "
+          f"{bench.device}, mixed precision {bench.precision}, channels_last {config.train.channels_last}, "
+          f"batch {cfg.batch_size}, {cfg.image_size} px {cfg.interpolation}, hflip {cfg.hflip}, rotation "
+          f"{cfg.rotation}; {len(jpeg_set)} photos, {steps} steps per pass; {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} cores; data.num_workers {cfg.num_workers}; load average {os.getloadavg()[0]:.1f}")
+    print(f"data.cache built in {build_seconds:.1f} s ({len(cache_set) / build_seconds:.0f} images/s with "
+          f"{cfg.num_workers} worker(s), {(cache_dir / 'train.npy').stat().st_size / 2**20:.0f} MiB); train_one_epoch "
+          + ("takes batch_transform" if bench.loop_takes_transform
+             else "has no batch_transform parameter: the bench applies it around the loader"))
+
+    paths = {"jpeg": (jpeg_set, cfg.num_workers), "cache": (cache_set, cfg.num_workers)}
+    if cfg.num_workers:
+        paths["cache, 0 workers"] = (cache_set, 0)
+    loaders = {name: bench.loader(dataset, workers) for name, (dataset, workers) in paths.items()}
+    batches = ready_batches(jpeg_set, cfg.batch_size, jpeg_set.batch_transform, config.train.seed + 1)
+    batches = [(images.to(bench.device), labels.to(bench.device)) for images, labels in batches]
+    bench.step_alone(batches[:2])  # warm-up (and Adam's state)
+    for name, loader in loaders.items():
+        bench.pipeline_alone(loader, paths[name][0].batch_transform)  # starts the workers, warms the page cache
+
+    # rounds in alternating order, so that other load on the machine slows every measurement alike
+    step: list[tuple[float, float]] = []
+    pipeline: dict[str, list] = {name: [] for name in paths}
+    loop: dict[str, list] = {name: [] for name in paths}
+    order = ["step", *paths]
+    for round_ in range(args.rounds):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            if name == "step":
+                before = cpu_seconds()
+                step.append((bench.step_alone(batches), cpu_split(before, cpu_seconds())[0]))
+                continue
+            transform = paths[name][0].batch_transform
+            pipeline[name].append(bench.pipeline_alone(loaders[name], transform))
+            before = cpu_seconds()
+            record, timed = bench.loop(loaders[name], transform)
+            loop[name].append((record, timed, cpu_split(before, cpu_seconds())))
+
+    images = len(jpeg_set)
+    step_seconds, step_cpu = min(step)
+    step_rate = images / step_seconds
+    print(f"\nbest of {args.rounds} round(s), over one pass of {images} photos; load average now "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"(a) step alone (ready tensors)     : {step_rate:6.1f} images/s ({step_seconds / steps * 1000:.0f} ms per "
+          f"step; {step_cpu / images * 1000:.0f} CPU-ms per image)")
+    for name, (dataset, workers) in paths.items():
+        wall, main_cpu, worker_cpu, seen = min(pipeline[name])
+        cpu = main_cpu + worker_cpu
+        record, timed, (main_cpu, worker_cpu) = max(loop[name], key=lambda entry: entry[0]["images_per_second"])
+        loop_rate, loop_seconds = record["images_per_second"], record["train_seconds"]
+        print(f"[{name}: {workers} DataLoader worker(s)]")
+        print(f"(b) pipeline alone                 : {seen / wall:6.1f} images/s, {seen / cpu:6.1f} images per "
+              f"CPU-second (one busy core; main process + workers used {cpu / wall:.2f} cores; "
+              f"{main_cpu / seen * 1000:.1f} CPU-ms per image in the main process, {worker_cpu / seen * 1000:.1f} "
+              "in workers)")
+        print(f"(c) training loop (train_one_epoch): {loop_rate:6.1f} images/s; {(main_cpu + worker_cpu) / seen * 1000:.0f} "
+              f"CPU-ms per image ({main_cpu / seen * 1000:.0f} main, {worker_cpu / seen * 1000:.0f} workers); waited "
+              f"{timed.wait:.2f} s for batches ({timed.wait / loop_seconds:.0%} of {loop_seconds:.1f} s)")
+        print(f"(c)/(a)                            : {loop_rate / step_rate:6.2f}  (goal >= 0.95); by CPU time "
+              f"(CPU-ms per image of (a) / of (c), less sensitive to other load on the machine): "
+              f"{step_cpu * seen / images / (main_cpu + worker_cpu):.2f}")
+
+
+def timm_compare(args, base_config, data_root: Path, tmp: Path) -> None:
+    """catdog's loop (JPEG path, and data.cache with ``--timm-cache``) against timm's train.py, one epoch each."""
+    overrides = [*args.set, "model.pretrained=none", "model.freeze_stages=0", "data.batch_size=32",
+                 "train.mixed_precision=no", "train.channels_last=true", "data.num_workers=2"]
+    config = load_config(args.config, overrides)
+    config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
+    classes = find_classes(data_root, ("train",))
+    rates = {}
+    for cached in (False, True) if args.timm_cache else (False,):
+        dataset = open_split(data_root, "train", config.data.model_copy(update={"cache": cached}), train=True,
+                             classes=classes, cache_dir=tmp / "timm-cache")
+        steps = -(-len(dataset) // config.data.batch_size)
+        bench = Bench(config, classes, steps)
+        loader = bench.loader(dataset, config.data.num_workers)
+        record, timed = bench.loop(loader, dataset.batch_transform)
+        sizes = [config.data.batch_size] * (len(dataset) // config.data.batch_size)
+        sizes += [len(dataset) % config.data.batch_size] if len(dataset) % config.data.batch_size else []
+        end = timed.asked[-1]
+        rates["catdog (data.cache)" if cached else "catdog (JPEG)"] = (steady_rate(timed, sizes, end),
+                                                                       record["images_per_second"])
+        del loader, bench
+    command = [sys.executable, str(args.timm_train), "--data-dir", str(data_root), "--train-split", "train",
+               "--val-split", "", "--model", models.timm_name(config.model.name), "--num-classes", str(len(classes)),
+               "-b", "32", "-j", "2", "--epochs", "1", "--channels-last", "--device", "cpu", "--opt", "adam",
+               "--lr", "1e-4", "--weight-decay", "0", "--seed", str(config.train.seed), "--log-interval", "1",
+               "--output", str(tmp / "timm-out")]
+    print("\n$ " + shlex.join(command))
+    start = time.perf_counter()
+    finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    log = finished.stdout + finished.stderr
+    if finished.returncode:
+        print(log[-3000:])
+        raise CatdogError(f"timm's train.py failed (exit code {finished.returncode}); its log's end is above")
+    # "Train: 0 [  19/20 (100%)]  Loss: ...  Time: 1.234s,   25.93/s  (1.500s,   21.33/s)  ..."
+    steps = [(int(index), float(seconds)) for index, seconds
+             in re.findall(r"Train: \d+ \[\s*(\d+)/\d+ .*?Time: ([\d.]+)s,", log)]
+    if len(steps) < 2:
+        print(log[-3000:])
+        raise CatdogError("could not find timm's per-step 'Time: <s>' log lines")
+    images = len(list((data_root / "train").rglob("*.jpg")))
+    last = images - 32 * (len(steps) - 1)
+    timm_rate = (images - 32) / sum(seconds for _, seconds in steps[1:])
+    timm_all = images / sum(seconds for _, seconds in steps)
+    print(f"timm train.py: {len(steps)} steps logged, process wall time {wall:.0f} s (start-up included); last batch "
+          f"{last} images")
+    print(f"\none epoch of {images} photos, random init, full fine-tune, batch 32, fp32, channels-last, 2 workers, "
+          f"CPU; images/s without the first step (with it)")
+    print(f"timm train.py (its own per-step log)      : {timm_rate:7.1f} ({timm_all:.1f})")
+    for name, (steady, whole) in rates.items():
+        print(f"{name + ' (timed around its loader)':42s}: {steady:7.1f} ({whole:.1f})   catdog / timm = "
+              f"{steady / timm_rate:.2f} ({whole / timm_all:.2f})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "efficientnet_lite0.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
+    p.add_argument("--images", type=int, default=320, help="shared train photos to use (spread over the classes)")
+    p.add_argument("--rounds", type=int, default=1, help="measure each this many times, keep the best")
+    p.add_argument("--data", type=Path, default=SHARED, help="data root whose train split is sampled")
+    p.add_argument("--timm-train", type=Path, help="timm's train.py: also compare catdog's loop with timm's")
+    p.add_argument("--timm-images", type=int, default=640)
+    p.add_argument("--timm-cache", action="store_true", help="also time catdog's loop on data.cache against timm")
+    p.add_argument("--skip-measure", action="store_true", help="only the timm comparison")
+    args = p.parse_args()
+    if not (args.data / "train").is_dir():
+        raise CatdogError(f"{args.data}: no train split there; bench/train.py reads the shared photos "
+                          f"({SHARED}/train/<class>/*.jpg) or --data ROOT")
+    if args.timm_train and not args.timm_train.is_file():
+        raise CatdogError(f"--timm-train {args.timm_train}: no such file (timm's train.py from its repository)")
+    config = load_config(args.config, args.set)
+    config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
+    with tempfile.TemporaryDirectory(prefix="catdog-bench-train-") as tmp:
+        tmp = Path(tmp)
+        if not args.skip_measure:
+            data_root = link_images(chosen_images(args.data, args.images), args.data, tmp / "data")
+            measure(args, config, data_root, tmp / "cache")
+        if args.timm_train:
+            data_root = link_images(chosen_images(args.data, args.timm_images), args.data, tmp / "timm-data")
+            timm_compare(args, config, data_root, tmp)
+
+
+if __name__ == "__main__":
+    run_job(main)
