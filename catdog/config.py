@@ -35,6 +35,9 @@ class ModelConfig(Section):
     drop_rate: Optional[float] = Field(None, ge=0, lt=1)
     freeze_stages: NonNegativeInt = 0
     """Freeze the stem and the next stages, this many in all (see each model's ``stages``); 0 trains everything."""
+    batchnorm_statistics: Literal["batch", "pretrained"] = "batch"
+    """While training, normalise with each batch's statistics (and update the running ones), or keep every
+    BatchNorm on its pretrained running statistics, so that fine-tuning starts from the pretrained features."""
     cam_layer: Optional[str] = None
     """Grad-CAM target layer, a module path in the backbone (``layer4``); ``None`` finds the one that makes the
     feature map."""

@@ -126,6 +126,7 @@ class Network(nn.Module):
         self.cam_layer_name = cam_layer
         self.stages = _stages(backbone)
         self._frozen: list[nn.Module] = []
+        self._eval_batchnorms: list[nn.Module] = []
 
     @property
     def feature_dim(self) -> int:
@@ -167,9 +168,16 @@ class Network(nn.Module):
             module.requires_grad_(False)
         self.train(self.training)
 
+    def freeze_batchnorm_statistics(self) -> None:
+        """Keep every BatchNorm in eval mode while training: the pretrained running statistics normalise each batch
+        and are not updated (the affine weights still learn). Fine-tuning then starts from exactly the pretrained
+        features, which is what a head fitted on them (LP-FT) needs; batch statistics would shift them at once."""
+        self._eval_batchnorms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "Network":
         super().train(mode)
-        for module in self._frozen:
+        for module in self._frozen + self._eval_batchnorms:
             module.eval()
         return self
 
@@ -268,13 +276,15 @@ def _build_backbone(name: str, pretrained: str, drop_rate: float | None) -> nn.M
 
 
 def create(name: str, num_classes: int, pretrained: str = "imagenet", drop_rate: float | None = None,
-           freeze_stages: int = 0, cam_layer: str | None = None) -> Network:
+           freeze_stages: int = 0, cam_layer: str | None = None, batchnorm_statistics: str = "batch") -> Network:
     """Any timm model with a fresh ``num_classes`` head; models without a C x h x w feature map are refused."""
     backbone = _build_backbone(name, pretrained, drop_rate)
     traced = find_cam_layer(name, backbone)  # also refuses token models, whatever model.cam_layer says
     backbone.reset_classifier(num_classes)
     network = Network(name, backbone, cam_layer or traced)
     network.freeze_stages(freeze_stages)
+    if batchnorm_statistics == "pretrained":
+        network.freeze_batchnorm_statistics()
     return network.train()
 
 

@@ -226,7 +226,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     # per process), the weight EMA, and the state of a killed run
     set_seed(config.train.seed)
     model = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
-                          config.model.freeze_stages, config.model.cam_layer)
+                          config.model.freeze_stages, config.model.cam_layer, config.model.batchnorm_statistics)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config.optim, model)

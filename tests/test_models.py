@@ -98,3 +98,16 @@ def test_offline_hub_download_fails_fast_and_says_how_to_give_a_file(monkeypatch
     monkeypatch.setattr(models, "weights_source", lambda name: None)
     with pytest.raises(CatdogError, match=r"convnext_tiny: could not download .*model.pretrained=/path/to/"):
         models.create("convnext_tiny", 2, pretrained="imagenet")
+
+
+def test_pretrained_batchnorm_statistics_stay_in_eval_mode_while_training():
+    network = models.create("efficientnet_lite0", 2, pretrained="none", freeze_stages=1,
+                            batchnorm_statistics="pretrained")
+    network.train()
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert network.backbone.blocks[-1].training  # everything else trains
+    before = [m.running_mean.clone() for m in norms]
+    network(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+    assert any(m.weight.grad is not None for m in norms[-3:])  # their affine weights still learn
