@@ -276,19 +276,20 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
     for name, (dataset, workers) in paths.items():
         wall, main_cpu, worker_cpu, seen = min(pipeline[name])
         cpu = main_cpu + worker_cpu
-        record, timed, (main_cpu, worker_cpu) = max(loop[name], key=lambda entry: entry[0]["images_per_second"])
+        record, timed, (loop_main, loop_workers) = max(loop[name], key=lambda entry: entry[0]["images_per_second"])
         loop_rate, loop_seconds = record["images_per_second"], record["train_seconds"]
         print(f"[{name}: {workers} DataLoader worker(s)]")
         print(f"(b) pipeline alone                 : {seen / wall:6.1f} images/s, {seen / cpu:6.1f} images per "
               f"CPU-second (one busy core; main process + workers used {cpu / wall:.2f} cores; "
               f"{main_cpu / seen * 1000:.1f} CPU-ms per image in the main process, {worker_cpu / seen * 1000:.1f} "
               "in workers)")
-        print(f"(c) training loop (train_one_epoch): {loop_rate:6.1f} images/s; {(main_cpu + worker_cpu) / seen * 1000:.0f} "
-              f"CPU-ms per image ({main_cpu / seen * 1000:.0f} main, {worker_cpu / seen * 1000:.0f} workers); waited "
+        print(f"(c) training loop (train_one_epoch): {loop_rate:6.1f} images/s; "
+              f"{(loop_main + loop_workers) / seen * 1000:.0f} CPU-ms per image ({loop_main / seen * 1000:.0f} main, "
+              f"{loop_workers / seen * 1000:.0f} workers); waited "
               f"{timed.wait:.2f} s for batches ({timed.wait / loop_seconds:.0%} of {loop_seconds:.1f} s)")
         print(f"(c)/(a)                            : {loop_rate / step_rate:6.2f}  (goal >= 0.95); by CPU time "
               f"(CPU-ms per image of (a) / of (c), less sensitive to other load on the machine): "
-              f"{step_cpu * seen / images / (main_cpu + worker_cpu):.2f}")
+              f"{step_cpu * seen / images / (loop_main + loop_workers):.2f}")
 
 
 def timm_compare(args, base_config, data_root: Path, tmp: Path) -> None:
