@@ -60,8 +60,9 @@ def test_items_are_uint8_chw_and_batches_become_normalised_float(root, tmp_path)
 
 
 def test_without_a_cache_dir_or_with_cache_off_the_jpeg_path_is_unchanged(root, tmp_path):
-    for dataset in (open_split(root, "test", CACHED), open_split(root, "test", CACHED.model_copy(update={"cache": False}),
-                                                                 cache_dir=tmp_path / "cache")):
+    cache_off = CACHED.model_copy(update={"cache": False})
+    cache_dir = tmp_path / "cache"
+    for dataset in (open_split(root, "test", CACHED), open_split(root, "test", cache_off, cache_dir=cache_dir)):
         assert type(dataset) is ImageDataset
         assert dataset[0][0].dtype == torch.float32
         assert torch.equal(dataset.batch_transform(dataset[0][0]), dataset[0][0])
@@ -135,8 +136,8 @@ open_split(sys.argv[1], "train", DataConfig.model_validate_json(sys.argv[2]), ca
 
 def test_a_killed_build_leaves_no_half_file_used(root, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
-    builder = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(root), CACHED.model_dump_json(), str(cache_dir)],
-                               cwd=REPO)
+    builder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, str(root), CACHED.model_dump_json(), str(cache_dir)], cwd=REPO)
     deadline = time.monotonic() + 60
     while not any(is_temp_path(p) for p in cache_dir.glob(".*")):
         assert builder.poll() is None and time.monotonic() < deadline, "the build did not start"
@@ -226,3 +227,15 @@ def test_loader_workers_read_the_cache(root, tmp_path):
     serial = [b[0] for b in DataLoader(dataset, batch_size=4)]
     parallel = [b[0] for b in DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context="spawn")]
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(parallel) == 3
+
+
+def test_training_runs_on_the_cache(synthetic_root, tmp_path):
+    from catdog.run import RunDir
+    from catdog.train import train
+    from conftest import tiny_config
+
+    run = RunDir(tmp_path / "run")
+    summary = train(tiny_config("data.cache=true"), synthetic_root, run.path)
+    assert 0 <= summary["val_accuracy"] <= 1 and summary["val_images"] == 10
+    shapes = {split: np.load(run.cache_dir / f"{split}.npy", mmap_mode="r").shape for split in ("train", "test", "val")}
+    assert shapes == {"train": (48, 3, 64, 64), "test": (14, 3, 64, 64), "val": (10, 3, 64, 64)}
