@@ -93,6 +93,10 @@ class TrainConfig(Section):
     beside the fine-tuned model's (RUN/linear_probe.safetensors); ``optim.head_init=linear_probe`` needs it."""
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     """Evaluate and keep an exponential moving average of the weights (timm's ``ModelEmaV3``); ``None`` is off."""
+    wise_ft: float = Field(1.0, gt=0, le=1)
+    """WiSE-FT's mixing weight: evaluate and keep ``(1 - wise_ft) * start + wise_ft * trained`` (the EMA's when there
+    is one), where ``start`` is the network fine-tuning began from (with LP-FT: the linear probe); 1 keeps the
+    trained weights. Values between keep more of the pretrained features' robustness (Wortsman et al., 2022)."""
     tta_hflip: bool = False
     """Evaluate on each image and its mirror image (mean of the two softmaxes)."""
     log_with: Optional[str] = "tensorboard"

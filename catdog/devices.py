@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object
 
 from catdog.errors import CatdogError
 
@@ -54,7 +54,8 @@ def accelerator_for(precision_setting: str, force_cpu: bool, cpu_threads: int | 
     use_cpu = force_cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(precision_setting, use_cpu)
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=log_with, project_dir=project_dir)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=log_with, project_dir=project_dir,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # copies overlap compute
     use_cpu_cores(accelerator, cpu_threads)
     return accelerator, precision
 

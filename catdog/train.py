@@ -8,6 +8,7 @@ resumed run draws the same shuffles and augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,6 +30,10 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir
+
+
+LOG_EVERY_STEPS = 10
+"""Training loss and learning rate go to the progress bar and the trackers every this many steps."""
 
 
 def build_optimizer(cfg: OptimConfig, network: models.Network) -> torch.optim.Optimizer:
@@ -67,7 +72,7 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: 
     """Accuracy over the whole split (``gather_for_metrics`` drops the padding added to even out processes); with
     ``tta_hflip`` also the accuracy of the mean softmax over each image and its mirror image."""
     model.eval()
-    correct = correct_tta = total = 0
+    correct = correct_tta = total = 0  # device tensors after the first batch: one sync, at the end
     for images, labels, _ in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         images = batch_transform(images)
         if channels_last:
@@ -78,12 +83,12 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: 
         predictions = logits.argmax(dim=1)
         predictions_tta = (logits.softmax(1) + flipped.softmax(1)).argmax(dim=1)
         predictions, predictions_tta, labels = accelerator.gather_for_metrics((predictions, predictions_tta, labels))
-        correct += (predictions == labels).sum().item()
-        correct_tta += (predictions_tta == labels).sum().item()
+        correct += (predictions == labels).sum()
+        correct_tta += (predictions_tta == labels).sum()
         total += labels.numel()
-    result = {"accuracy": correct / total, "images": total}
+    result = {"accuracy": int(correct) / total, "images": total}
     if tta_hflip:
-        result["accuracy_tta"] = correct_tta / total
+        result["accuracy_tta"] = int(correct_tta) / total
     return result
 
 
@@ -118,9 +123,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
         loss_sum += loss.detach() * labels.numel()
         images_per_rank += labels.numel()
         bar.update()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
+        if step % LOG_EVERY_STEPS == 0:  # .item() waits for the device: not at every step
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
     bar.close()
     seconds = time.perf_counter() - start
     seen = accelerator.gather(torch.tensor([images_per_rank], device=accelerator.device))
@@ -129,20 +135,28 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
             "images_per_second": seen.sum().item() / seconds}
 
 
+def wise_ft(initial: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], alpha: float) -> dict:
+    """WiSE-FT (Wortsman et al., CVPR 2022): ``(1 - alpha) * initial + alpha * fine_tuned`` for every float tensor;
+    integer buffers (a BatchNorm's step count) are the fine-tuned ones. The weights between the starting point and
+    the fine-tuned model keep more of the pretrained features' robustness at little cost in accuracy."""
+    return {key: torch.lerp(initial[key].to(value.device, value.dtype), value, alpha) if value.is_floating_point()
+            else value for key, value in fine_tuned.items()}
+
+
 def _save_atomic(tensors: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
-def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | None, optimizer, scheduler,
-               epoch: int, history: list[dict], best: dict, improved: bool) -> None:
-    """After an epoch, on the main process: the best weights (the EMA's when there is one, when this epoch
-    improved), the resumable state and metrics.jsonl, each replaced atomically."""
+def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | None, evaluated, optimizer,
+               scheduler, epoch: int, history: list[dict], best: dict, improved: bool) -> None:
+    """After an epoch, on the main process: the evaluated weights as the best ones (when this epoch improved), the
+    resumable state and metrics.jsonl, each replaced atomically."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         if improved:
-            _save_atomic(ema.module.state_dict() if ema else weights, run.best_checkpoint)
+            _save_atomic(accelerator.unwrap_model(evaluated).state_dict(), run.best_checkpoint)
         with atomic_path(run.state_path) as tmp:
             torch.save({"epoch": epoch, "model": weights, "ema": ema.module.state_dict() if ema else None,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
@@ -248,15 +262,22 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         baseline = linear_probe(run, accelerator.unwrap_model(model), {"train": probe_loader, "test": test_loader,
                                 "val": val_loader}, accelerator, {**transforms, "train": plain_train.batch_transform},
                                 config)
-        if config.optim.head_init == "linear_probe" and not resuming:
+        if config.optim.head_init == "linear_probe":  # also when resuming: it is WiSE-FT's start
             accelerator.unwrap_model(model).head.load_state_dict(baseline["state"])
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.train.ema_decay, use_warmup=True) \
-        if config.train.ema_decay else None
+    network = accelerator.unwrap_model(model)
+    start = {key: value.detach().clone() for key, value in network.state_dict().items()}  # for WiSE-FT
+    ema = ModelEmaV3(network, decay=config.train.ema_decay, use_warmup=True) if config.train.ema_decay else None
     if resuming:
-        start_epoch, history, best = _resume(run, accelerator.unwrap_model(model), ema, optimizer, scheduler)
+        start_epoch, history, best = _resume(run, network, ema, optimizer, scheduler)
         accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
                           f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
-    evaluated = ema.module if ema else model
+    # what is evaluated and kept: the trained weights, or their EMA, mixed with the start by WiSE-FT
+    evaluated = copy.deepcopy(network).eval() if ema or config.train.wise_ft < 1 else model
+
+    def kept_weights() -> dict[str, torch.Tensor]:
+        weights = (ema.module if ema else network).state_dict()
+        return wise_ft(start, weights, config.train.wise_ft) if config.train.wise_ft < 1 else weights
+
     accelerator.init_trackers("train", config=_tracker_config(config))
 
     # per epoch: train, evaluate on test, keep the best weights and a resumable state
@@ -267,6 +288,8 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         epoch_start = time.perf_counter()
         record = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator,
                                                     epoch, steps_per_epoch, channels_last, transforms["train"], ema)}
+        if evaluated is not model:
+            evaluated.load_state_dict(kept_weights())
         test = evaluate(evaluated, test_loader, accelerator, "test", channels_last, transforms["test"],
                         config.train.tta_hflip)
         record.update(test_accuracy=test[selected], test_images=test["images"], lr=scheduler.get_last_lr()[0],
@@ -283,7 +306,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         improved = record["test_accuracy"] > best["test_accuracy"]
         if improved:
             best = {"epoch": epoch, "test_accuracy": record["test_accuracy"]}
-        save_state(run, accelerator, model, ema, optimizer, scheduler, epoch, history, best, improved)
+        save_state(run, accelerator, model, ema, evaluated, optimizer, scheduler, epoch, history, best, improved)
 
     # at the end: the best weights on val
     if not run.best_checkpoint.exists():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from catdog.run import RunDir
-from catdog.train import build_scheduler
+from catdog.train import LOG_EVERY_STEPS, build_scheduler
 from conftest import REPO, make_image_folder, tiny_config
 
 TINY = ["data.image_size=64", "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0"]
@@ -246,4 +246,25 @@ def test_trackers_log_the_curves_to_tensorboard(tiny_run):
     assert {"train/loss", "train/lr", "test/accuracy", "train/images_per_second", "val/accuracy"} <= scalars
     logged = [event.value for event in events.Scalars("test/accuracy")]
     assert logged == pytest.approx([record["test_accuracy"] for record in run.metrics()])
-    assert len(events.Scalars("train/loss")) == -(-run.metrics()[-1]["images_per_rank"][0] // 8)  # one per step
+    steps = -(-run.metrics()[-1]["images_per_rank"][0] // 8)
+    assert len(events.Scalars("train/loss")) == -(-steps // LOG_EVERY_STEPS)
+
+
+def test_wise_ft_mixes_the_start_and_the_trained_weights(tmp_path, synthetic_root):
+    from catdog import probe
+    from catdog.train import train, wise_ft
+
+    a = {"w": torch.zeros(3), "steps": torch.tensor(1)}
+    b = {"w": torch.full((3,), 4.0), "steps": torch.tensor(9)}
+    mixed = wise_ft(a, b, 0.25)
+    assert torch.equal(mixed["w"], torch.full((3,), 1.0)) and mixed["steps"] == 9
+
+    overrides = ["optim.head_init=linear_probe", "optim.lr=1e-3", "train.ema_decay=null", "train.log_with=none"]
+    train(tiny_config(*overrides, "train.wise_ft=0.5"), synthetic_root, tmp_path / "mixed")
+    run = RunDir(tmp_path / "mixed")
+    trained = run.load_state()["model"]
+    start = probe.load_probe_network(run).state_dict()
+    kept = load_file(run.best_checkpoint)
+    for key in ("backbone.classifier.weight", "backbone.conv_head.weight"):
+        torch.testing.assert_close(kept[key], (start[key] + trained[key]) / 2)
+    assert not torch.equal(kept["backbone.conv_head.weight"], trained["backbone.conv_head.weight"])
