@@ -192,7 +192,8 @@ def test_binary_probe_gives_sklearns_probabilities():
 def test_ema_weights_are_the_ones_kept_and_resumed(tmp_path, synthetic_root):
     from catdog.train import train
 
-    train(tiny_config("train.ema_decay=0.5", "optim.lr=1e-3", "train.log_with=none"), synthetic_root, tmp_path / "run")
+    train(tiny_config("train.ema_decay=0.5", "train.wise_ft=1", "optim.lr=1e-3", "train.log_with=none"), synthetic_root,
+          tmp_path / "run")
     run = RunDir(tmp_path / "run")
     state = run.load_state()
     best = load_file(run.best_checkpoint)
