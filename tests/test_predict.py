@@ -126,7 +126,7 @@ def test_labelled_val_reproduces_summary(tiny_run, synthetic_root, tmp_path, mon
 
 def test_probabilities_equal_accelerate_evaluation(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys):
     """Bit for bit what training's evaluation computes: Accelerate's autocast at the run's precision, channels_last,
-    the same batches; and --precision no gives other numbers where the run used bf16, so the default matters."""
+    the mirror-image average when the run evaluated with it, the same batches; and --precision no gives other numbers where the run used bf16, so the default matters."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -151,10 +151,14 @@ def test_probabilities_equal_accelerate_evaluation(tiny_run, synthetic_root, tmp
     try:
         accelerator = Accelerator(cpu=True, mixed_precision=summary["mixed_precision"])
         model, loader = accelerator.prepare(network, loader)
+        def probabilities(images):
+            images = images.contiguous(memory_format=torch.channels_last) if config.train.channels_last else images
+            if not config.train.tta_hflip:
+                return model(images).float().softmax(dim=1)
+            return (model(images).float().softmax(dim=1) + model(images.flip(-1)).float().softmax(dim=1)) / 2
+
         with torch.no_grad():
-            expected = torch.cat([model(images.contiguous(memory_format=torch.channels_last)
-                                        if config.train.channels_last else images).softmax(dim=1)
-                                  for images, _, _ in loader]).numpy()
+            expected = torch.cat([probabilities(images) for images, _, _ in loader]).numpy()
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
     np.testing.assert_array_equal(predicted, expected)

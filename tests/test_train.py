@@ -204,10 +204,10 @@ def test_ema_weights_are_the_ones_kept_and_resumed(tmp_path, synthetic_root):
 
 
 def test_hflip_tta_averages_the_softmax_of_each_image_and_its_mirror():
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader, TensorDataset
 
     from catdog.data import no_batch_transform
+    from catdog.devices import accelerator_for
     from catdog.train import evaluate
 
     torch.manual_seed(0)
@@ -215,7 +215,8 @@ def test_hflip_tta_averages_the_softmax_of_each_image_and_its_mirror():
     images, labels = torch.randn(40, 3, 8, 8), torch.randint(0, 2, (40,))
     model(images)
     loader = DataLoader(TensorDataset(images, labels, torch.arange(40)), batch_size=16)
-    result = evaluate(model, loader, Accelerator(cpu=True), "test", False, no_batch_transform, tta_hflip=True)
+    accelerator, _ = accelerator_for("no", force_cpu=True)  # full precision, as the reference below
+    result = evaluate(model, loader, accelerator, "test", False, no_batch_transform, tta_hflip=True)
     with torch.no_grad():
         mean = model(images).softmax(1) + model(images.flip(-1)).softmax(1)
         plain = model(images).argmax(1)
