@@ -54,7 +54,8 @@ def fit(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray
     weight, bias = classifier.coef_, classifier.intercept_
     if weight.shape[0] == 1:  # binary: sklearn keeps one row, the logit of class 1
         weight, bias = np.concatenate([-weight / 2, weight / 2]), np.array([-bias[0] / 2, bias[0] / 2])
-    state = {"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor(bias, dtype=torch.float32)}
+    state = {"weight": torch.tensor(np.ascontiguousarray(weight), dtype=torch.float32),  # sklearn's may be Fortran-ordered
+             "bias": torch.tensor(np.ascontiguousarray(bias), dtype=torch.float32)}
     val_accuracy = float((np.argmax(val[0] @ weight.T + bias, axis=1) == val[1]).mean())
     return state, {"test_accuracy": float(test_accuracy), "val_accuracy": val_accuracy, "C": c}
 

@@ -166,6 +166,7 @@ def test_probe_fit_folds_sklearn_into_one_linear_layer():
         return (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32), labels
     train, test, val = sample(300), sample(100), sample(100)
     state, scores = probe.fit(train, test, val, seed=0)
+    assert all(tensor.is_contiguous() for tensor in state.values())  # safetensors saves only contiguous tensors
     reference = LogisticRegression(C=scores["C"], max_iter=5000, random_state=0).fit(*train)
     logits = torch.from_numpy(val[0]) @ state["weight"].T + state["bias"]
     assert (logits.argmax(1).numpy() == reference.predict(val[0])).all()
