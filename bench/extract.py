@@ -24,8 +24,7 @@ from torchvision.datasets import ImageFolder
 
 from catdog.cli import config_from, parser, run_job
 from catdog.data import build_transform, find_classes, list_samples, load_rgb
-from catdog.devices import resolve_mixed_precision
-from catdog.devices import AUTOCAST_DTYPES
+from catdog.devices import AUTOCAST_DTYPES, resolve_mixed_precision
 from catdog.extract import extract
 from catdog.models import fold_batchnorm
 from catdog.run import RunDir

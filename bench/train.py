@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 from accelerate.utils import set_seed
@@ -52,28 +51,13 @@ from catdog import models
 from catdog import train as catdog_train
 from catdog.cli import run_job
 from catdog.config import load_config
-from catdog.data import find_classes, list_samples, open_split
+from catdog.data import find_classes, open_split
 from catdog.devices import accelerator_for
 from catdog.errors import CatdogError
+from extract import chosen_images, link_images  # bench/extract.py, beside this script (sys.path[0])
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cats_vs_dogs"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def chosen_images(data_root: Path, limit: int) -> list[Path]:
-    """``limit`` train images spread evenly over the split, so every class is in (as bench/extract.py picks)."""
-    samples = list_samples(data_root, "train", find_classes(data_root, ("train",)))
-    picks = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).astype(int))
-    return [samples[i].path for i in picks]
-
-
-def link_images(images: list[Path], data_root: Path, out: Path) -> Path:
-    """A data root of links to the chosen images, laid out as ``out/train/<class>/<file>``."""
-    for image in images:
-        link = out / image.relative_to(data_root)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(image.resolve())
-    return out
 
 
 def cpu_seconds() -> dict[int, float]:
