@@ -272,11 +272,11 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
                           f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
     # what is evaluated and kept: the trained weights, or their EMA, mixed with the start by WiSE-FT
-    evaluated = copy.deepcopy(network).eval() if ema or config.train.wise_ft < 1 else model
+    mixing = config.train.wise_ft < 1
+    evaluated = copy.deepcopy(network).eval() if mixing else ema.module if ema else model
 
-    def kept_weights() -> dict[str, torch.Tensor]:
-        weights = (ema.module if ema else network).state_dict()
-        return wise_ft(start, weights, config.train.wise_ft) if config.train.wise_ft < 1 else weights
+    def mixed_weights() -> dict[str, torch.Tensor]:
+        return wise_ft(start, (ema.module if ema else network).state_dict(), config.train.wise_ft)
 
     accelerator.init_trackers("train", config=_tracker_config(config))
 
@@ -288,8 +288,8 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         epoch_start = time.perf_counter()
         record = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator,
                                                     epoch, steps_per_epoch, channels_last, transforms["train"], ema)}
-        if evaluated is not model:
-            evaluated.load_state_dict(kept_weights())
+        if mixing:
+            evaluated.load_state_dict(mixed_weights())
         test = evaluate(evaluated, test_loader, accelerator, "test", channels_last, transforms["test"],
                         config.train.tta_hflip)
         record.update(test_accuracy=test[selected], test_images=test["images"], lr=scheduler.get_last_lr()[0],
