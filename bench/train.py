@@ -1,10 +1,12 @@
 """Does the input pipeline starve the training step? In one run, on the same shared photos and the same model:
 
     python bench/train.py [--images 320] [--config configs/efficientnet_lite0.yaml] [--set data.num_workers=1 ...]
-                          [--rounds 1] [--timm-train PATH/timm/train.py [--timm-images 640] [--timm-cache]]
+                          [--rounds 1] [--timm-train PATH/timm/train.py [--timm-images 640] [--timm-cache]
+                          [--timm-precision no|bf16]]
 
-(a) step alone: catdog's training step (forward, loss, ``accelerator.backward``, optimizer and scheduler step) on
-    batches decoded and augmented beforehand and held in memory: the ceiling for (c).
+(a) step alone: ``catdog.train.train_one_epoch`` (forward, loss, ``accelerator.backward``, optimizer, scheduler and
+    weight-EMA step, logging) over batches decoded, augmented and put on the device beforehand, held in memory:
+    the ceiling for (c).
 (b) pipeline alone: the train DataLoader built exactly as ``catdog.train`` builds it (shuffled, the configured
     workers, persistent, prepared by Accelerate) iterated without a model, each batch finished by the dataset's
     ``batch_transform`` on the device: JPEG (decode, resize, flip, rotate, collate in the workers) and data.cache
@@ -15,16 +17,18 @@
     next batch (data wait) measured around the loader.
 Then (c)/(a) per path: the share of the step's speed the real loop keeps (goal >= 0.95).
 
-Settings come from the config (default: the shipped Lite0 one, bundled ImageNet weights, its frozen stages, its
-precision resolved as catdog resolves it) and ``--set section.key=value``. The photos are ``--images`` train
+Settings come from the config (default: the shipped Lite0 one, bundled ImageNet weights, its frozen stages and
+BatchNorm statistics, its weight EMA, its precision resolved as catdog resolves it; the network, optimizer and EMA
+built by ``catdog.train``'s own functions) and ``--set section.key=value``. The photos are ``--images`` train
 images spread over ../shared/data/cats_vs_dogs, linked into a temporary data root (never copied); the data.cache
 file is built there once (its build rate is printed). Each pass is seeded as catdog seeds an epoch, so (b) and
 (c) draw the same batches. The first pass over each loader (starting its persistent workers) is not timed.
 
 ``--timm-train`` also runs timm's own train.py (one epoch, in a subprocess) against catdog's loop (JPEG path; also
-data.cache with ``--timm-cache``) in the same settings: random init, full fine-tune, batch 32, fp32, channels-last,
-2 workers, CPU, Adam at 1e-4 (timm's default optimizer is SGD; the step costs about the same), each with its own
-default augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip, rotation), over
+data.cache with ``--timm-cache``) in the same settings: random init, full fine-tune, BatchNorm on batch statistics,
+no weight EMA, batch 32, fp32 (or both bf16 autocast: ``--timm-precision bf16``), channels-last, 2 workers, CPU,
+Adam at 1e-4 (timm's default optimizer is SGD; the step costs about the same), each with its own default
+augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip, rotation), over
 ``--timm-images`` photos (``--skip-measure`` runs only this). timm's rate is parsed from its own per-step log lines
 (``Time: <s>``, log interval 1); catdog's comes from the same per-step times, taken around its loader; both over
 the epoch without its first step (worker start-up and the first batch's decoding), and with it in brackets.
@@ -32,7 +36,6 @@ the epoch without its first step (worker start-up and the first batch's decoding
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import shlex
@@ -51,7 +54,7 @@ from catdog import models
 from catdog import train as catdog_train
 from catdog.cli import run_job
 from catdog.config import load_config
-from catdog.data import find_classes, open_split
+from catdog.data import find_classes, loader_options, open_split
 from catdog.devices import accelerator_for
 from catdog.errors import CatdogError
 from extract import chosen_images, link_images  # bench/extract.py, beside this script (sys.path[0])
@@ -85,11 +88,10 @@ def synchronize(device: torch.device) -> None:
 
 
 class TimedLoader:
-    """A loader that records when the loop asks for each batch and when it gets it; applies ``transform`` to the
-    images when the loop does not (a ``train_one_epoch`` without a ``batch_transform`` parameter)."""
+    """A loader that records when the loop asks for each batch and when it gets it."""
 
-    def __init__(self, loader, transform=None):
-        self.loader, self.transform = loader, transform
+    def __init__(self, loader):
+        self.loader = loader
         self.asked: list[float] = []
         self.got: list[float] = []
 
@@ -104,13 +106,11 @@ class TimedLoader:
         while True:
             self.asked.append(time.perf_counter())
             try:
-                images, labels, index = next(batches)
+                batch = next(batches)
             except StopIteration:
                 return
-            if self.transform is not None:
-                images = self.transform(images)
             self.got.append(time.perf_counter())
-            yield images, labels, index
+            yield batch
 
     @property
     def wait(self) -> float:
@@ -118,7 +118,8 @@ class TimedLoader:
 
 
 class Bench:
-    """The model, optimizer and scheduler (prepared once) and the three measurements."""
+    """The network, optimizer, scheduler and weight EMA as ``catdog.train`` builds them (prepared once), and the
+    three measurements."""
 
     def __init__(self, config, classes: list[str], steps: int):
         self.config = config
@@ -126,43 +127,32 @@ class Bench:
                                                            config.train.cpu_threads)
         self.device = self.accelerator.device
         set_seed(config.train.seed)
-        network = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
-                                config.model.freeze_stages, config.model.cam_layer)
-        if config.train.channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        wants = inspect.signature(catdog_train.build_optimizer).parameters
-        # catdog.train.build_optimizer takes the network (parameter groups) or, in older versions, the parameters
-        optimizer = catdog_train.build_optimizer(
-            config.optim, network if "network" in wants else [p for p in network.parameters() if p.requires_grad])
+        network = catdog_train.build_network(config, len(classes))
+        optimizer = catdog_train.build_optimizer(config.optim, network)
         scheduler = catdog_train.build_scheduler(config.optim, optimizer, steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(network, optimizer, scheduler)
+        self.ema = catdog_train.build_ema(config, network)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
         self.trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in network.parameters())
-        self.loop_takes_transform = "batch_transform" in inspect.signature(catdog_train.train_one_epoch).parameters
 
     def loader(self, dataset, num_workers: int):
-        """The train loader as ``catdog.train.train`` builds it."""
-        loader = DataLoader(dataset, self.config.data.batch_size, shuffle=True, num_workers=num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
+        """The train loader as ``catdog.train.build_loaders`` builds it."""
+        loader = DataLoader(dataset, self.config.data.batch_size, shuffle=True,
+                            **loader_options(num_workers, self.device))
         return self.accelerator.prepare(loader)
 
-    def step_alone(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """(a): seconds for catdog's step over ready batches."""
-        self.model.train()
-        channels_last = self.config.train.channels_last
+    def train_one_epoch(self, batches, batch_transform) -> dict:
+        return catdog_train.train_one_epoch(self.model, batches, self.optimizer, self.scheduler, self.loss_fn,
+                                            self.accelerator, 1, len(batches), self.config.train.channels_last,
+                                            batch_transform, self.ema)
+
+    def step_alone(self, batches: list) -> float:
+        """(a): seconds for ``catdog.train.train_one_epoch`` over batches already on the device and augmented."""
         synchronize(self.device)
-        start = time.perf_counter()
-        for images, labels in batches:
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            loss = self.loss_fn(self.model(images), labels)
-            self.accelerator.backward(loss)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        seconds = self.train_one_epoch(batches, lambda images: images)["train_seconds"]
         synchronize(self.device)
-        return time.perf_counter() - start
+        return seconds
 
     def pipeline_alone(self, loader, batch_transform) -> tuple[float, float, float, int]:
         """(b): seconds, CPU seconds of this process and of its workers, and images, for one seeded pass."""
@@ -178,23 +168,17 @@ class Bench:
         return (wall, *cpu_split(before, cpu_seconds()), images_seen)
 
     def loop(self, loader, batch_transform) -> tuple[dict, TimedLoader]:
-        """(c): ``catdog.train.train_one_epoch``, seeded as epoch 1 of a run."""
+        """(c): ``catdog.train.train_one_epoch`` over the loader, seeded as epoch 1 of a run."""
         set_seed(self.config.train.seed + 1, device_specific=True)
-        timed = TimedLoader(loader, None if self.loop_takes_transform else batch_transform)
-        args = (self.model, timed, self.optimizer, self.scheduler, self.loss_fn, self.accelerator, 1, len(loader),
-                self.config.train.channels_last)
-        record = (catdog_train.train_one_epoch(*args, batch_transform) if self.loop_takes_transform
-                  else catdog_train.train_one_epoch(*args))
-        return record, timed
+        timed = TimedLoader(loader)
+        return self.train_one_epoch(timed, batch_transform), timed
 
 
-def ready_batches(dataset, batch_size: int, batch_transform, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every batch of one seeded, shuffled pass, decoded and augmented now (for (a))."""
+def ready_batches(dataset, batch_size: int, batch_transform, seed: int, device: torch.device) -> list:
+    """Every batch of one seeded, shuffled pass, decoded, augmented and on the device now (for (a))."""
     set_seed(seed)
-    batches = []
-    for images, labels, _ in DataLoader(dataset, batch_size, shuffle=True, num_workers=min(2, os.cpu_count() or 1)):
-        batches.append((batch_transform(images), labels))
-    return batches
+    loader = DataLoader(dataset, batch_size, shuffle=True, num_workers=min(2, os.cpu_count() or 1))
+    return [(batch_transform(images.to(device)), labels.to(device), index) for images, labels, index in loader]
 
 
 def steady_rate(timed: TimedLoader, batch_size_of: list[int], end: float) -> float:
@@ -213,22 +197,20 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
     steps = -(-len(jpeg_set) // cfg.batch_size)
     bench = Bench(config, classes, steps)
     print(f"{config.model.name} ({bench.trainable / 1e6:.2f}M of {bench.total / 1e6:.2f}M parameters trained, "
-          f"freeze_stages {config.model.freeze_stages}, pretrained {config.model.pretrained}), "
+          f"freeze_stages {config.model.freeze_stages}, pretrained {config.model.pretrained}, BatchNorm statistics "
+          f"{config.model.batchnorm_statistics}, weight EMA {config.train.ema_decay}), "
           f"{bench.device}, mixed precision {bench.precision}, channels_last {config.train.channels_last}, "
           f"batch {cfg.batch_size}, {cfg.image_size} px {cfg.interpolation}, hflip {cfg.hflip}, rotation "
           f"{cfg.rotation}; {len(jpeg_set)} photos, {steps} steps per pass; {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} cores; data.num_workers {cfg.num_workers}; load average {os.getloadavg()[0]:.1f}")
     print(f"data.cache built in {build_seconds:.1f} s ({len(cache_set) / build_seconds:.0f} images/s with "
-          f"{cfg.num_workers} worker(s), {(cache_dir / 'train.npy').stat().st_size / 2**20:.0f} MiB); train_one_epoch "
-          + ("takes batch_transform" if bench.loop_takes_transform
-             else "has no batch_transform parameter: the bench applies it around the loader"))
+          f"{cfg.num_workers} worker(s), {(cache_dir / 'train.npy').stat().st_size / 2**20:.0f} MiB)")
 
     paths = {"jpeg": (jpeg_set, cfg.num_workers), "cache": (cache_set, cfg.num_workers)}
     if cfg.num_workers:
         paths["cache, 0 workers"] = (cache_set, 0)
     loaders = {name: bench.loader(dataset, workers) for name, (dataset, workers) in paths.items()}
-    batches = ready_batches(jpeg_set, cfg.batch_size, jpeg_set.batch_transform, config.train.seed + 1)
-    batches = [(images.to(bench.device), labels.to(bench.device)) for images, labels in batches]
+    batches = ready_batches(jpeg_set, cfg.batch_size, jpeg_set.batch_transform, config.train.seed + 1, bench.device)
     bench.step_alone(batches[:2])  # warm-up (and Adam's state)
     for name, loader in loaders.items():
         bench.pipeline_alone(loader, paths[name][0].batch_transform)  # starts the workers, warms the page cache
@@ -276,58 +258,72 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
               f"{step_cpu * seen / images / (loop_main + loop_workers):.2f}")
 
 
-def timm_compare(args, base_config, data_root: Path, tmp: Path) -> None:
-    """catdog's loop (JPEG path, and data.cache with ``--timm-cache``) against timm's train.py, one epoch each."""
-    overrides = [*args.set, "model.pretrained=none", "model.freeze_stages=0", "data.batch_size=32",
-                 "train.mixed_precision=no", "train.channels_last=true", "data.num_workers=2"]
-    config = load_config(args.config, overrides)
-    config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
-    classes = find_classes(data_root, ("train",))
-    rates = {}
-    for cached in (False, True) if args.timm_cache else (False,):
-        dataset = open_split(data_root, "train", config.data.model_copy(update={"cache": cached}), train=True,
-                             classes=classes, cache_dir=tmp / "timm-cache")
-        steps = -(-len(dataset) // config.data.batch_size)
-        bench = Bench(config, classes, steps)
-        loader = bench.loader(dataset, config.data.num_workers)
-        record, timed = bench.loop(loader, dataset.batch_transform)
-        sizes = [config.data.batch_size] * (len(dataset) // config.data.batch_size)
-        sizes += [len(dataset) % config.data.batch_size] if len(dataset) % config.data.batch_size else []
-        end = timed.asked[-1]
-        rates["catdog (data.cache)" if cached else "catdog (JPEG)"] = (steady_rate(timed, sizes, end),
-                                                                       record["images_per_second"])
-        del loader, bench
+def catdog_epoch(config, dataset, classes: list[str]) -> tuple[float, float]:
+    """One epoch of catdog's loop from a fresh network: images/s without the first step, and with it."""
+    steps = -(-len(dataset) // config.data.batch_size)
+    bench = Bench(config, classes, steps)
+    record, timed = bench.loop(bench.loader(dataset, config.data.num_workers), dataset.batch_transform)
+    sizes = [min(config.data.batch_size, len(dataset) - start) for start in range(0, len(dataset),
+                                                                                   config.data.batch_size)]
+    return steady_rate(timed, sizes, timed.asked[-1]), record["images_per_second"]
+
+
+def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> tuple[float, float]:
+    """One epoch of timm's train.py in a subprocess: images/s without the first step, and with it, from its log."""
     command = [sys.executable, str(args.timm_train), "--data-dir", str(data_root), "--train-split", "train",
                "--val-split", "", "--model", models.timm_name(config.model.name), "--num-classes", str(len(classes)),
                "-b", "32", "-j", "2", "--epochs", "1", "--channels-last", "--device", "cpu", "--opt", "adam",
                "--lr", "1e-4", "--weight-decay", "0", "--seed", str(config.train.seed), "--log-interval", "1",
                "--output", str(tmp / "timm-out")]
-    print("\n$ " + shlex.join(command))
-    start = time.perf_counter()
+    if args.timm_precision == "bf16":
+        command += ["--amp", "--amp-dtype", "bfloat16"]
+    print("$ " + shlex.join(command))
     finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
-    wall = time.perf_counter() - start
     log = finished.stdout + finished.stderr
     if finished.returncode:
         print(log[-3000:])
         raise CatdogError(f"timm's train.py failed (exit code {finished.returncode}); its log's end is above")
     # "Train: 0 [  19/20 (100%)]  Loss: ...  Time: 1.234s,   25.93/s  (1.500s,   21.33/s)  ..."
-    steps = [(int(index), float(seconds)) for index, seconds
-             in re.findall(r"Train: \d+ \[\s*(\d+)/\d+ .*?Time: ([\d.]+)s,", log)]
-    if len(steps) < 2:
+    seconds = [float(value) for value in re.findall(r"Train: \d+ \[\s*\d+/\d+ .*?Time: ([\d.]+)s,", log)]
+    if len(seconds) < 2:
         print(log[-3000:])
         raise CatdogError("could not find timm's per-step 'Time: <s>' log lines")
     images = len(list((data_root / "train").rglob("*.jpg")))
-    last = images - 32 * (len(steps) - 1)
-    timm_rate = (images - 32) / sum(seconds for _, seconds in steps[1:])
-    timm_all = images / sum(seconds for _, seconds in steps)
-    print(f"timm train.py: {len(steps)} steps logged, process wall time {wall:.0f} s (start-up included); last batch "
-          f"{last} images")
-    print(f"\none epoch of {images} photos, random init, full fine-tune, batch 32, fp32, channels-last, 2 workers, "
-          f"CPU; images/s without the first step (with it)")
-    print(f"timm train.py (its own per-step log)      : {timm_rate:7.1f} ({timm_all:.1f})")
-    for name, (steady, whole) in rates.items():
-        print(f"{name + ' (timed around its loader)':42s}: {steady:7.1f} ({whole:.1f})   catdog / timm = "
-              f"{steady / timm_rate:.2f} ({whole / timm_all:.2f})")
+    return (images - 32) / sum(seconds[1:]), images / sum(seconds)
+
+
+def timm_compare(args, data_root: Path, tmp: Path) -> None:
+    """catdog's loop (JPEG path, and data.cache with ``--timm-cache``) against timm's train.py, one epoch each, in
+    ``--rounds`` rounds of alternating order; the best epoch of each is kept."""
+    overrides = [*args.set, "model.pretrained=none", "model.freeze_stages=0", "model.batchnorm_statistics=batch",
+                 "train.ema_decay=null", "data.batch_size=32", f"train.mixed_precision={args.timm_precision}",
+                 "train.channels_last=true",
+                 "data.num_workers=2"]
+    config = load_config(args.config, overrides)
+    config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
+    classes = find_classes(data_root, ("train",))
+    datasets = {"catdog (JPEG)": open_split(data_root, "train", config.data, train=True, classes=classes)}
+    if args.timm_cache:
+        datasets["catdog (data.cache)"] = open_split(data_root, "train", config.data.model_copy(update={"cache": True}),
+                                                     train=True, classes=classes, cache_dir=tmp / "timm-cache")
+    runs: dict[str, list[tuple[float, float]]] = {"timm train.py": [], **{name: [] for name in datasets}}
+    for round_ in range(args.rounds):
+        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+            runs[name].append(timm_epoch(args, config, data_root, classes, tmp) if name == "timm train.py"
+                              else catdog_epoch(config, datasets[name], classes))
+    best = {name: max(rates) for name, rates in runs.items()}
+    timm_rate, timm_all = best["timm train.py"]
+    print(f"\none epoch of {len(datasets['catdog (JPEG)'])} photos, random init, full fine-tune, batch 32, "
+          f"{args.timm_precision}, channels-last, 2 workers, CPU; best of {args.rounds} round(s); images/s without the "
+          f"first step (with it); "
+          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"{'timm train.py (its own per-step log)':45s}: {timm_rate:7.1f} ({timm_all:.1f})   every round: "
+          + ", ".join(f"{steady:.1f}" for steady, _ in runs["timm train.py"]))
+    for name in datasets:
+        steady, whole = best[name]
+        print(f"{name + ' (timed around its loader)':45s}: {steady:7.1f} ({whole:.1f})   every round: "
+              + ", ".join(f"{rate:.1f}" for rate, _ in runs[name])
+              + f";   catdog / timm = {steady / timm_rate:.2f} ({whole / timm_all:.2f})")
 
 
 def main() -> None:
@@ -340,6 +336,8 @@ def main() -> None:
     p.add_argument("--timm-train", type=Path, help="timm's train.py: also compare catdog's loop with timm's")
     p.add_argument("--timm-images", type=int, default=640)
     p.add_argument("--timm-cache", action="store_true", help="also time catdog's loop on data.cache against timm")
+    p.add_argument("--timm-precision", choices=["no", "bf16"], default="no",
+                   help="both in fp32 (no) or both with bf16 autocast (timm: --amp --amp-dtype bfloat16)")
     p.add_argument("--skip-measure", action="store_true", help="only the timm comparison")
     args = p.parse_args()
     if not (args.data / "train").is_dir():
@@ -356,7 +354,7 @@ def main() -> None:
             measure(args, config, data_root, tmp / "cache")
         if args.timm_train:
             data_root = link_images(chosen_images(args.data, args.timm_images), args.data, tmp / "timm-data")
-            timm_compare(args, config, data_root, tmp)
+            timm_compare(args, data_root, tmp)
 
 
 if __name__ == "__main__":

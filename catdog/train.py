@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from catdog import models, probe
 from catdog.config import SPLITS, Config, OptimConfig, save_config
 from catdog.devices import accelerator_for, require_shared_folder
-from catdog.data import find_classes, open_split
+from catdog.data import find_classes, loader_options, open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json, write_text
 from catdog.progress import progress_bar
@@ -206,6 +206,62 @@ def _tracker_config(config: Config) -> dict:
             for section, values in config.model_dump(mode="json").items() for key, value in values.items()}
 
 
+def build_network(config: Config, num_classes: int) -> models.Network:
+    """The network as configured (pretrained weights, frozen stages, BatchNorm statistics), in the memory format the
+    loop feeds it."""
+    network = models.create(config.model.name, num_classes, config.model.pretrained, config.model.drop_rate,
+                            config.model.freeze_stages, config.model.cam_layer, config.model.batchnorm_statistics)
+    return network.to(memory_format=torch.channels_last) if config.train.channels_last else network
+
+
+def build_ema(config: Config, network: models.Network) -> ModelEmaV3 | None:
+    """The weight EMA (timm's, with its warm-up: early steps average over fewer steps), when ``train.ema_decay``."""
+    return ModelEmaV3(network, decay=config.train.ema_decay, use_warmup=True) if config.train.ema_decay else None
+
+
+def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[str], cache_dir: Path | None,
+                  device: torch.device) -> tuple[dict, dict[str, DataLoader]]:
+    """The datasets and loaders of the three splits (train augmented and shuffled) and of ``probe``: the train split
+    without augmentation, for the linear probe. Each dataset's ``batch_transform`` finishes its batches on the
+    device (data.cache)."""
+    datasets = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
+                                  cache_dir=cache_dir) for split in SPLITS}
+    datasets["probe"] = open_split(data_root, "train", config.data, classes=classes, cache_dir=cache_dir)
+    kept = loader_options(config.data.num_workers, device)
+    loaders = {"train": DataLoader(datasets["train"], config.data.batch_size, shuffle=True, **kept),
+               "test": DataLoader(datasets["test"], config.data.eval_batch_size, **kept),
+               "val": DataLoader(datasets["val"], config.data.eval_batch_size, **kept),
+               "probe": DataLoader(datasets["probe"], config.data.eval_batch_size,
+                                   **loader_options(config.data.num_workers, device, persistent=False))}
+    return datasets, loaders
+
+
+def summarize(config: Config, classes: list[str], accelerator: Accelerator, precision: str, history: list[dict],
+              best: dict, val: dict, baseline: dict | None) -> dict:
+    """summary.json: the best epoch, its test and val accuracies beside the linear probe's, and the training speed."""
+    train_seconds = sum(r["train_seconds"] for r in history)
+    return {
+        "model": config.model.name,
+        "classes": classes,
+        "best_epoch": best["epoch"],
+        "best_test_accuracy": best["test_accuracy"],
+        "val_accuracy": val["accuracy_tta" if config.train.tta_hflip else "accuracy"],
+        "tta_hflip": config.train.tta_hflip,
+        **({"val_accuracy_no_tta": val["accuracy"]} if config.train.tta_hflip else {}),
+        **({"linear_probe_test_accuracy": baseline["test_accuracy"],
+            "linear_probe_val_accuracy": baseline["val_accuracy"]} if baseline else {}),
+        "test_images": history[-1]["test_images"],
+        "val_images": val["images"],
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "images_per_second": sum(sum(r["images_per_rank"]) for r in history) / train_seconds,
+        "num_processes": accelerator.num_processes,
+        "images_per_rank": history[-1]["images_per_rank"],
+        "device": str(accelerator.device),
+        "mixed_precision": precision,
+    }
+
+
 def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> dict:
     """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``. Returns the summary."""
     config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
@@ -218,83 +274,64 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads,
                                              config.train.log_with, run.trackers_dir)
     require_shared_folder(accelerator, run.path, "--out")
-    channels_last = config.train.channels_last
+    channels_last, tta = config.train.channels_last, config.train.tta_hflip
 
-    # data: the three splits, the train one augmented and shuffled, plus train without augmentation for the probe;
-    # each split's batch_transform finishes its batches on the device (data.cache)
+    # data, model, optimizer, schedule (built on the unsharded loader's length: Accelerate steps a prepared scheduler
+    # once per process)
     classes = find_classes(data_root)
-    cache_dir = run.cache_dir if config.data.cache else None
-    splits = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
-                                cache_dir=cache_dir) for split in SPLITS}
-    plain_train = open_split(data_root, "train", config.data, classes=classes, cache_dir=cache_dir)
-    transforms = {split: dataset.batch_transform for split, dataset in splits.items()}
-    loader_args = dict(num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-                       persistent_workers=config.data.num_workers > 0)
-    train_loader = DataLoader(splits["train"], config.data.batch_size, shuffle=True, **loader_args)
-    probe_loader = DataLoader(plain_train, config.data.eval_batch_size, num_workers=config.data.num_workers)
-    test_loader = DataLoader(splits["test"], config.data.eval_batch_size, **loader_args)
-    val_loader = DataLoader(splits["val"], config.data.eval_batch_size, **loader_args)
-    steps_per_epoch = min(len(train_loader), config.train.max_train_batches or len(train_loader))
-
-    # model, optimizer, schedule (built on the unsharded loader's length: Accelerate steps a prepared scheduler once
-    # per process), the weight EMA, and the state of a killed run
+    datasets, loaders = build_loaders(config, data_root, classes, run.cache_dir if config.data.cache else None,
+                                      accelerator.device)
+    transforms = {name: dataset.batch_transform for name, dataset in datasets.items()}
+    steps_per_epoch = min(len(loaders["train"]), config.train.max_train_batches or len(loaders["train"]))
     set_seed(config.train.seed)
-    model = models.create(config.model.name, len(classes), config.model.pretrained, config.model.drop_rate,
-                          config.model.freeze_stages, config.model.cam_layer, config.model.batchnorm_statistics)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_network(config, len(classes))
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer, steps_per_epoch)
-    model, optimizer, train_loader, probe_loader, test_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, probe_loader, test_loader, val_loader, scheduler)
+    model, optimizer, scheduler, *prepared = accelerator.prepare(model, optimizer, scheduler, *loaders.values())
+    loaders = dict(zip(loaders, prepared))
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(config, run.config_path)
     accelerator.print(f"{config.model.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
                       f"mixed precision {precision}, classes {classes}, train/test/val "
-                      + "/".join(str(len(splits[split])) for split in SPLITS) + " images")
+                      + "/".join(str(len(datasets[split])) for split in SPLITS) + " images")
 
-    # the linear probe on the pretrained features: the baseline, and LP-FT's head
-    start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
-    resuming = resume and run.state_path.exists()
+    # the linear probe on the pretrained features: the baseline, and LP-FT's head (also when resuming: it is
+    # WiSE-FT's start); then the weight EMA and the state of a killed run
+    network = accelerator.unwrap_model(model)
     baseline = None
     if config.train.linear_probe:
-        baseline = linear_probe(run, accelerator.unwrap_model(model), {"train": probe_loader, "test": test_loader,
-                                "val": val_loader}, accelerator, {**transforms, "train": plain_train.batch_transform},
-                                config)
-        if config.optim.head_init == "linear_probe":  # also when resuming: it is WiSE-FT's start
-            accelerator.unwrap_model(model).head.load_state_dict(baseline["state"])
-    network = accelerator.unwrap_model(model)
+        baseline = linear_probe(run, network, {**loaders, "train": loaders["probe"]}, accelerator,
+                                {**transforms, "train": transforms["probe"]}, config)
+        if config.optim.head_init == "linear_probe":
+            network.head.load_state_dict(baseline["state"])
     start = {key: value.detach().clone() for key, value in network.state_dict().items()}  # for WiSE-FT
-    ema = ModelEmaV3(network, decay=config.train.ema_decay, use_warmup=True) if config.train.ema_decay else None
-    if resuming:
+    ema = build_ema(config, network)
+    start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
+    if resume and run.state_path.exists():
         start_epoch, history, best = _resume(run, network, ema, optimizer, scheduler)
         accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
                           f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
     # what is evaluated and kept: the trained weights, or their EMA, mixed with the start by WiSE-FT
     mixing = config.train.wise_ft < 1
     evaluated = copy.deepcopy(network).eval() if mixing else ema.module if ema else model
-
-    def mixed_weights() -> dict[str, torch.Tensor]:
-        return wise_ft(start, (ema.module if ema else network).state_dict(), config.train.wise_ft)
-
     accelerator.init_trackers("train", config=_tracker_config(config))
 
     # per epoch: train, evaluate on test, keep the best weights and a resumable state
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    selected = "accuracy_tta" if config.train.tta_hflip else "accuracy"
     for epoch in range(start_epoch, config.optim.epochs + 1):
         set_seed(config.train.seed + epoch, device_specific=True)
         epoch_start = time.perf_counter()
-        record = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator,
-                                                    epoch, steps_per_epoch, channels_last, transforms["train"], ema)}
+        record = {"epoch": epoch, **train_one_epoch(model, loaders["train"], optimizer, scheduler, loss_fn,
+                                                    accelerator, epoch, steps_per_epoch, channels_last,
+                                                    transforms["train"], ema)}
         if mixing:
-            evaluated.load_state_dict(mixed_weights())
-        test = evaluate(evaluated, test_loader, accelerator, "test", channels_last, transforms["test"],
-                        config.train.tta_hflip)
-        record.update(test_accuracy=test[selected], test_images=test["images"], lr=scheduler.get_last_lr()[0],
-                      seconds=time.perf_counter() - epoch_start)
-        if config.train.tta_hflip:
+            evaluated.load_state_dict(wise_ft(start, (ema.module if ema else network).state_dict(),
+                                              config.train.wise_ft))
+        test = evaluate(evaluated, loaders["test"], accelerator, "test", channels_last, transforms["test"], tta)
+        record.update(test_accuracy=test["accuracy_tta" if tta else "accuracy"], test_images=test["images"],
+                      lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - epoch_start)
+        if tta:
             record["test_accuracy_no_tta"] = test["accuracy"]
         history.append(record)
         accelerator.log({"test/accuracy": record["test_accuracy"], "train/epoch_loss": record["train_loss"],
@@ -312,30 +349,10 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     if not run.best_checkpoint.exists():
         raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
     accelerator.unwrap_model(evaluated).load_state_dict(run.load_weights())
-    val = evaluate(evaluated, val_loader, accelerator, "val", channels_last, transforms["val"], config.train.tta_hflip)
-    train_seconds = sum(r["train_seconds"] for r in history)
-    summary = {
-        "model": config.model.name,
-        "classes": classes,
-        "best_epoch": best["epoch"],
-        "best_test_accuracy": best["test_accuracy"],
-        "val_accuracy": val[selected],
-        "tta_hflip": config.train.tta_hflip,
-        **({"val_accuracy_no_tta": val["accuracy"]} if config.train.tta_hflip else {}),
-        **({"linear_probe_test_accuracy": baseline["test_accuracy"],
-            "linear_probe_val_accuracy": baseline["val_accuracy"]} if baseline else {}),
-        "test_images": history[-1]["test_images"],
-        "val_images": val["images"],
-        "epochs": len(history),
-        "train_seconds": train_seconds,
-        "images_per_second": sum(sum(r["images_per_rank"]) for r in history) / train_seconds,
-        "num_processes": accelerator.num_processes,
-        "images_per_rank": history[-1]["images_per_rank"],
-        "device": str(accelerator.device),
-        "mixed_precision": precision,
-    }
-    accelerator.log({"val/accuracy": summary["val_accuracy"]}, step=config.optim.epochs * -(-steps_per_epoch //
-                                                                                         accelerator.num_processes))
+    val = evaluate(evaluated, loaders["val"], accelerator, "val", channels_last, transforms["val"], tta)
+    summary = summarize(config, classes, accelerator, precision, history, best, val, baseline)
+    accelerator.log({"val/accuracy": summary["val_accuracy"]},
+                    step=config.optim.epochs * -(-steps_per_epoch // accelerator.num_processes))
     accelerator.print(f"best epoch {best['epoch']}: test {best['test_accuracy']:.2%}, val {summary['val_accuracy']:.2%} "
                       f"({val['images']} images)" + (f"; linear probe: test {baseline['test_accuracy']:.2%}, val "
                                                      f"{baseline['val_accuracy']:.2%}" if baseline else ""))

@@ -1,10 +1,11 @@
+import os
 import shutil
 
 import pytest
 import torch
 
 from catdog.config import DataConfig
-from catdog.data import build_transform, find_classes, open_split
+from catdog.data import CPU_WORKER_NICENESS, build_transform, find_classes, loader_options, open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
 
@@ -73,3 +74,23 @@ def test_a_class_without_images_in_one_split_is_named(tmp_path):
 def test_a_transform_needs_a_resolved_data_config():
     with pytest.raises(ValueError, match="mean, std unset"):
         build_transform(DataConfig(image_size=32, interpolation="bicubic"), train=False)
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the scheduling niceness of the process that loads it."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.nice(0)
+
+
+def test_cpu_loader_workers_run_at_lower_priority_than_the_step():
+    mine = os.nice(0)
+    cpu = torch.utils.data.DataLoader(_Niceness(), batch_size=2, **loader_options(2, torch.device("cpu")))
+    assert [int(n) for batch in cpu for n in batch] == [min(19, mine + CPU_WORKER_NICENESS)] * 4
+    assert os.nice(0) == mine  # the training process keeps its own priority
+    gpu = loader_options(2, torch.device("cuda"))
+    assert gpu["pin_memory"] and gpu["persistent_workers"] and "worker_init_fn" not in gpu
+    assert loader_options(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
