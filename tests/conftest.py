@@ -1,6 +1,8 @@
 """Shared fixtures: small synthetic image folders the tests make themselves, and a tiny trained run."""
 from __future__ import annotations
 
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,16 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+def run_script(script: str, args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``python SCRIPT ARGS`` in this process, from the repository root: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from catdog.predict import InputImage, cam_file_names, classification_metrics, confusion_table, list_inputs
-from conftest import REPO
+from conftest import run_script
 
 
 def run_predict(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
     """``jobs/predict.py ARGS`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["jobs/predict.py", *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path("jobs/predict.py", run_name="__main__")
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_script("jobs/predict.py", args, monkeypatch, capsys)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:

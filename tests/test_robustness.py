@@ -23,7 +23,7 @@ from catdog.predict import list_labelled
 from catdog.report import report
 from catdog.robustness import CLEAN, corrupt, corruption_parameters, decode_transform
 from catdog.run import RunDir
-from conftest import REPO
+from conftest import REPO, run_script
 from test_predict import run_predict
 
 CORRUPTIONS = ["gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast"]
@@ -31,15 +31,7 @@ CORRUPTIONS = ["gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contras
 
 def run_robustness(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
     """``jobs/robustness.py ARGS`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["jobs/robustness.py", *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path("jobs/robustness.py", run_name="__main__")
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_script("jobs/robustness.py", args, monkeypatch, capsys)
 
 
 def write_probe(run: RunDir, seed: int = 0) -> None:
