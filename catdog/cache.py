@@ -16,6 +16,7 @@ augmentation runs on whole batches on the model's device: ``catdog.data.BatchTra
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -159,6 +160,12 @@ class CachedImageDataset(ImageDataset):
         if self._images is None:
             self._images = np.load(self.path, mmap_mode="r")
         return self._images
+
+    def unaugmented(self, cfg: DataConfig) -> "CachedImageDataset":
+        """The same samples and array file with the evaluation batch transform."""
+        view = copy.copy(self)
+        view.batch_transform = build_batch_transform(cfg, train=False)
+        return view
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None}  # a worker maps the file itself; never pickle its pages

@@ -1,6 +1,7 @@
 """Image datasets in the ImageFolder layout ``root/{train,test,val}/<class>/<image>`` and their transforms."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -212,6 +213,13 @@ class ImageDataset(Dataset):
 
     def relative_path(self, index: int) -> str:
         return self.samples[index].path.relative_to(self.root).as_posix()
+
+    def unaugmented(self, cfg: DataConfig) -> "ImageDataset":
+        """The same samples with the evaluation transform (the train split as the linear probe reads it), without
+        listing the folder again."""
+        view = copy.copy(self)
+        view.transform = build_transform(cfg, train=False)
+        return view
 
     @property
     def labels(self) -> list[int]:

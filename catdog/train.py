@@ -226,7 +226,7 @@ def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[st
     device (data.cache)."""
     datasets = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
                                   cache_dir=cache_dir) for split in SPLITS}
-    datasets["probe"] = open_split(data_root, "train", config.data, classes=classes, cache_dir=cache_dir)
+    datasets["probe"] = datasets["train"].unaugmented(config.data)
     kept = loader_options(config.data.num_workers, device)
     loaders = {"train": DataLoader(datasets["train"], config.data.batch_size, shuffle=True, **kept),
                "test": DataLoader(datasets["test"], config.data.eval_batch_size, **kept),

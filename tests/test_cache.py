@@ -221,6 +221,17 @@ def test_eval_transform_does_not_augment_and_the_transform_pickles():
         transform(batch.float())
 
 
+def test_the_unaugmented_view_shares_the_array_file_and_does_not_augment(root, tmp_path):
+    train_set = open_split(root, "train", CACHED, train=True, cache_dir=tmp_path)
+    view = train_set.unaugmented(CACHED)
+    assert view.path == train_set.path and view.samples is train_set.samples
+    assert train_set.batch_transform.rotation > 0 and (view.batch_transform.hflip, view.batch_transform.rotation) == (
+        False, 0.0)
+    batch = torch.stack([view[i][0] for i in range(len(view))])
+    assert torch.equal(view.batch_transform(batch), open_split(root, "train", CACHED, cache_dir=tmp_path)
+                       .batch_transform(batch))
+
+
 def test_loader_workers_read_the_cache(root, tmp_path):
     dataset = open_split(root, "train", CACHED, train=True, cache_dir=tmp_path / "cache")
     dataset[0]  # mapped in this process: the workers must map their own, not receive pickled pages

@@ -29,6 +29,9 @@ def test_train_transform_augments_eval_does_not(synthetic_root):
     draws = [train_set[0][0] for _ in range(4)]
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert torch.equal(eval_set[0][0], eval_set[0][0])
+    view = train_set.unaugmented(SMALL)  # the linear probe's train split: same samples, eval transform
+    assert view.samples is train_set.samples and torch.equal(view[0][0], eval_set[0][0])
+    assert any(not torch.equal(train_set[0][0], train_set[0][0]) for _ in range(4))  # the original still augments
 
 
 def test_unreadable_files_are_skipped_not_fatal(tmp_path):
