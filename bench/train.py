@@ -2,7 +2,7 @@
 
     python bench/train.py [--images 320] [--config configs/efficientnet_lite0.yaml] [--set data.num_workers=1 ...]
                           [--rounds 1] [--timm-train PATH/timm/train.py [--timm-images 640] [--timm-cache]
-                          [--timm-precision no|bf16]]
+                          [--timm-precision no|bf16|defaults]]
 
 (a) step alone: ``catdog.train.train_one_epoch`` (forward, loss, ``accelerator.backward``, optimizer, scheduler and
     weight-EMA step, logging) over batches decoded, augmented and put on the device beforehand, held in memory:
@@ -26,7 +26,8 @@ file is built there once (its build rate is printed). Each pass is seeded as cat
 
 ``--timm-train`` also runs timm's own train.py (one epoch, in a subprocess) against catdog's loop (JPEG path; also
 data.cache with ``--timm-cache``) in the same settings: random init, full fine-tune, BatchNorm on batch statistics,
-no weight EMA, batch 32, fp32 (or both bf16 autocast: ``--timm-precision bf16``), channels-last, 2 workers, CPU,
+no weight EMA, batch 32, fp32 (or both bf16 autocast: ``--timm-precision bf16``; or each its own default,
+catdog's ``auto`` and timm's fp32: ``--timm-precision defaults``), channels-last, 2 workers, CPU,
 Adam at 1e-4 (timm's default optimizer is SGD; the step costs about the same), each with its own default
 augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip, rotation), over
 ``--timm-images`` photos (``--skip-measure`` runs only this). timm's rate is parsed from its own per-step log lines
@@ -258,17 +259,18 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
               f"{step_cpu * seen / images / (loop_main + loop_workers):.2f}")
 
 
-def catdog_epoch(config, dataset, classes: list[str]) -> tuple[float, float]:
-    """One epoch of catdog's loop from a fresh network: images/s without the first step, and with it."""
+def catdog_epoch(config, dataset, classes: list[str]) -> tuple[float, float, str]:
+    """One epoch of catdog's loop from a fresh network: images/s without the first step, with it, and the
+    precision it ran in."""
     steps = -(-len(dataset) // config.data.batch_size)
     bench = Bench(config, classes, steps)
     record, timed = bench.loop(bench.loader(dataset, config.data.num_workers), dataset.batch_transform)
     sizes = [min(config.data.batch_size, len(dataset) - start) for start in range(0, len(dataset),
                                                                                    config.data.batch_size)]
-    return steady_rate(timed, sizes, timed.asked[-1]), record["images_per_second"]
+    return steady_rate(timed, sizes, timed.asked[-1]), record["images_per_second"], bench.precision
 
 
-def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> tuple[float, float]:
+def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> tuple[float, float, str]:
     """One epoch of timm's train.py in a subprocess: images/s without the first step, and with it, from its log."""
     command = [sys.executable, str(args.timm_train), "--data-dir", str(data_root), "--train-split", "train",
                "--val-split", "", "--model", models.timm_name(config.model.name), "--num-classes", str(len(classes)),
@@ -276,7 +278,7 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
                "--lr", "1e-4", "--weight-decay", "0", "--seed", str(config.train.seed), "--log-interval", "1",
                "--output", str(tmp / "timm-out")]
     if args.timm_precision == "bf16":
-        command += ["--amp", "--amp-dtype", "bfloat16"]
+        command += ["--amp", "--amp-dtype", "bfloat16"]  # otherwise (no, defaults) its default: fp32
     print("$ " + shlex.join(command))
     finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
     log = finished.stdout + finished.stderr
@@ -289,16 +291,17 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
         print(log[-3000:])
         raise CatdogError("could not find timm's per-step 'Time: <s>' log lines")
     images = len(list((data_root / "train").rglob("*.jpg")))
-    return (images - 32) / sum(seconds[1:]), images / sum(seconds)
+    return (images - 32) / sum(seconds[1:]), images / sum(seconds), "bf16" if "--amp" in command else "fp32"
 
 
 def timm_compare(args, data_root: Path, tmp: Path) -> None:
     """catdog's loop (JPEG path, and data.cache with ``--timm-cache``) against timm's train.py, one epoch each, in
-    ``--rounds`` rounds of alternating order; the best epoch of each is kept."""
+    ``--rounds`` rounds of alternating order; the best epoch of each is kept. ``--timm-precision defaults`` gives
+    each its own default precision: catdog's ``auto`` (bf16 where the CPU has bf16 units), timm's fp32."""
+    precision = "auto" if args.timm_precision == "defaults" else args.timm_precision
     overrides = [*args.set, "model.pretrained=none", "model.freeze_stages=0", "model.batchnorm_statistics=batch",
-                 "train.ema_decay=null", "data.batch_size=32", f"train.mixed_precision={args.timm_precision}",
-                 "train.channels_last=true",
-                 "data.num_workers=2"]
+                 "train.ema_decay=null", "data.batch_size=32", f"train.mixed_precision={precision}",
+                 "train.channels_last=true", "data.num_workers=2"]
     config = load_config(args.config, overrides)
     config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
     classes = find_classes(data_root, ("train",))
@@ -306,24 +309,25 @@ def timm_compare(args, data_root: Path, tmp: Path) -> None:
     if args.timm_cache:
         datasets["catdog (data.cache)"] = open_split(data_root, "train", config.data.model_copy(update={"cache": True}),
                                                      train=True, classes=classes, cache_dir=tmp / "timm-cache")
-    runs: dict[str, list[tuple[float, float]]] = {"timm train.py": [], **{name: [] for name in datasets}}
+    runs: dict[str, list[tuple[float, float, str]]] = {"timm train.py": [], **{name: [] for name in datasets}}
     for round_ in range(args.rounds):
         for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
             runs[name].append(timm_epoch(args, config, data_root, classes, tmp) if name == "timm train.py"
                               else catdog_epoch(config, datasets[name], classes))
     best = {name: max(rates) for name, rates in runs.items()}
-    timm_rate, timm_all = best["timm train.py"]
+    mean = {name: sum(rate for rate, _, _ in rates) / len(rates) for name, rates in runs.items()}
+    timm_rate, timm_all, _ = best["timm train.py"]
     print(f"\none epoch of {len(datasets['catdog (JPEG)'])} photos, random init, full fine-tune, batch 32, "
-          f"{args.timm_precision}, channels-last, 2 workers, CPU; best of {args.rounds} round(s); images/s without the "
-          f"first step (with it); "
-          f"load average now {os.getloadavg()[0]:.1f}")
-    print(f"{'timm train.py (its own per-step log)':45s}: {timm_rate:7.1f} ({timm_all:.1f})   every round: "
-          + ", ".join(f"{steady:.1f}" for steady, _ in runs["timm train.py"]))
-    for name in datasets:
-        steady, whole = best[name]
-        print(f"{name + ' (timed around its loader)':45s}: {steady:7.1f} ({whole:.1f})   every round: "
-              + ", ".join(f"{rate:.1f}" for rate, _ in runs[name])
-              + f";   catdog / timm = {steady / timm_rate:.2f} ({whole / timm_all:.2f})")
+          f"channels-last, 2 workers, CPU; images/s without the first step: best of {args.rounds} round(s) (with the "
+          f"first step), mean, every round; load average now {os.getloadavg()[0]:.1f}")
+    for name, rates in runs.items():
+        steady, whole, precision = best[name]
+        label = "timm train.py (its own per-step log)" if name == "timm train.py" else name + " (around its loader)"
+        ratio = "" if name == "timm train.py" else (
+            f";  catdog / timm: best {steady / timm_rate:.2f} ({whole / timm_all:.2f}), "
+            f"mean {mean[name] / mean['timm train.py']:.2f}")
+        print(f"{label + ', ' + precision:45s}: {steady:5.1f} ({whole:.1f}), mean {mean[name]:5.1f}, every round "
+              + ", ".join(f"{rate:.1f}" for rate, _, _ in rates) + ratio)
 
 
 def main() -> None:
@@ -336,8 +340,9 @@ def main() -> None:
     p.add_argument("--timm-train", type=Path, help="timm's train.py: also compare catdog's loop with timm's")
     p.add_argument("--timm-images", type=int, default=640)
     p.add_argument("--timm-cache", action="store_true", help="also time catdog's loop on data.cache against timm")
-    p.add_argument("--timm-precision", choices=["no", "bf16"], default="no",
-                   help="both in fp32 (no) or both with bf16 autocast (timm: --amp --amp-dtype bfloat16)")
+    p.add_argument("--timm-precision", choices=["no", "bf16", "defaults"], default="no",
+                   help="both in fp32 (no), both with bf16 autocast (timm: --amp --amp-dtype bfloat16), or each its "
+                        "default (catdog: auto, timm: fp32)")
     p.add_argument("--skip-measure", action="store_true", help="only the timm comparison")
     args = p.parse_args()
     if not (args.data / "train").is_dir():
