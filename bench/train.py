@@ -2,7 +2,7 @@
 
     python bench/train.py [--images 320] [--config configs/efficientnet_lite0.yaml] [--set data.num_workers=1 ...]
                           [--rounds 1] [--timm-train PATH/timm/train.py [--timm-images 640] [--timm-cache]
-                          [--timm-precision no|bf16|defaults]]
+                          [--timm-precision no|bf16]]
 
 (a) step alone: ``catdog.train.train_one_epoch`` (forward, loss, ``accelerator.backward``, optimizer, scheduler and
     weight-EMA step, logging) over batches decoded, augmented and put on the device beforehand, held in memory:
@@ -26,8 +26,7 @@ file is built there once (its build rate is printed). Each pass is seeded as cat
 
 ``--timm-train`` also runs timm's own train.py (one epoch, in a subprocess) against catdog's loop (JPEG path; also
 data.cache with ``--timm-cache``) in the same settings: random init, full fine-tune, BatchNorm on batch statistics,
-no weight EMA, batch 32, fp32 (or both bf16 autocast: ``--timm-precision bf16``; or each its own default,
-catdog's ``auto`` and timm's fp32: ``--timm-precision defaults``), channels-last, 2 workers, CPU,
+no weight EMA, batch 32, fp32 (or both bf16 autocast: ``--timm-precision bf16``), channels-last, 2 workers, CPU,
 Adam at 1e-4 (timm's default optimizer is SGD; the step costs about the same), each with its own default
 augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip, rotation), over
 ``--timm-images`` photos (``--skip-measure`` runs only this). timm's rate is parsed from its own per-step log lines
@@ -278,7 +277,7 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
                "--lr", "1e-4", "--weight-decay", "0", "--seed", str(config.train.seed), "--log-interval", "1",
                "--output", str(tmp / "timm-out")]
     if args.timm_precision == "bf16":
-        command += ["--amp", "--amp-dtype", "bfloat16"]  # otherwise (no, defaults) its default: fp32
+        command += ["--amp", "--amp-dtype", "bfloat16"]
     print("$ " + shlex.join(command))
     finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
     log = finished.stdout + finished.stderr
@@ -296,11 +295,9 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
 
 def timm_compare(args, data_root: Path, tmp: Path) -> None:
     """catdog's loop (JPEG path, and data.cache with ``--timm-cache``) against timm's train.py, one epoch each, in
-    ``--rounds`` rounds of alternating order; the best epoch of each is kept. ``--timm-precision defaults`` gives
-    each its own default precision: catdog's ``auto`` (bf16 where the CPU has bf16 units), timm's fp32."""
-    precision = "auto" if args.timm_precision == "defaults" else args.timm_precision
+    ``--rounds`` rounds of alternating order; the best epoch of each is kept."""
     overrides = [*args.set, "model.pretrained=none", "model.freeze_stages=0", "model.batchnorm_statistics=batch",
-                 "train.ema_decay=null", "data.batch_size=32", f"train.mixed_precision={precision}",
+                 "train.ema_decay=null", "data.batch_size=32", f"train.mixed_precision={args.timm_precision}",
                  "train.channels_last=true", "data.num_workers=2"]
     config = load_config(args.config, overrides)
     config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
@@ -340,9 +337,8 @@ def main() -> None:
     p.add_argument("--timm-train", type=Path, help="timm's train.py: also compare catdog's loop with timm's")
     p.add_argument("--timm-images", type=int, default=640)
     p.add_argument("--timm-cache", action="store_true", help="also time catdog's loop on data.cache against timm")
-    p.add_argument("--timm-precision", choices=["no", "bf16", "defaults"], default="no",
-                   help="both in fp32 (no), both with bf16 autocast (timm: --amp --amp-dtype bfloat16), or each its "
-                        "default (catdog: auto, timm: fp32)")
+    p.add_argument("--timm-precision", choices=["no", "bf16"], default="no",
+                   help="both in fp32 (no) or both with bf16 autocast (timm: --amp --amp-dtype bfloat16)")
     p.add_argument("--skip-measure", action="store_true", help="only the timm comparison")
     args = p.parse_args()
     if not (args.data / "train").is_dir():
