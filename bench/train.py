@@ -181,9 +181,10 @@ def ready_batches(dataset, batch_size: int, batch_transform, seed: int, device: 
     return [(batch_transform(images.to(device)), labels.to(device), index) for images, labels, index in loader]
 
 
-def steady_rate(timed: TimedLoader, batch_size_of: list[int], end: float) -> float:
-    """Images per second from the end of the first step (the loop asking for batch 2) to ``end``."""
-    return sum(batch_size_of[1:]) / (end - timed.asked[1])
+def steady_rate(timed: TimedLoader, batch_size_of: list[int]) -> float:
+    """Images per second from the end of the first step (the loop asking for batch 2) to the end of the last one
+    (the loop asking for one more)."""
+    return sum(batch_size_of[1:]) / (timed.asked[-1] - timed.asked[1])
 
 
 def measure(args, config, data_root: Path, cache_dir: Path) -> None:
@@ -266,7 +267,7 @@ def catdog_epoch(config, dataset, classes: list[str]) -> tuple[float, float, str
     record, timed = bench.loop(bench.loader(dataset, config.data.num_workers), dataset.batch_transform)
     sizes = [min(config.data.batch_size, len(dataset) - start) for start in range(0, len(dataset),
                                                                                    config.data.batch_size)]
-    return steady_rate(timed, sizes, timed.asked[-1]), record["images_per_second"], bench.precision
+    return steady_rate(timed, sizes), record["images_per_second"], {"no": "fp32"}.get(bench.precision, bench.precision)
 
 
 def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> tuple[float, float, str]:
