@@ -4,7 +4,8 @@
 
 Times the same training step (forward, backward, Adam step; channels_last) on the same ready tensors in fp32
 and under bf16 autocast, alternating rounds so that a busy machine slows both alike, and prints images/s and
-the ratio, next to what ``catdog.devices.resolve_mixed_precision('auto')`` picks here.
+the ratio, next to what ``catdog.devices.resolve_mixed_precision('auto')`` picks here. The allocator is set up as
+in every catdog job on the CPU (``catdog.devices.keep_freed_memory``).
 """
 import argparse
 import time
@@ -12,7 +13,7 @@ import time
 import torch
 
 from catdog import models
-from catdog.devices import autocast, resolve_mixed_precision
+from catdog.devices import autocast, keep_freed_memory, resolve_mixed_precision
 
 
 def step_rate(network, optimizer, images, labels, precision: str, steps: int) -> float:
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    keep_freed_memory()
     torch.manual_seed(0)
     network = models.create(args.model, 2, pretrained="none", freeze_stages=args.freeze).train()
     network = network.to(memory_format=torch.channels_last)

@@ -9,8 +9,9 @@
     the ceiling for (c).
 (b) pipeline alone: the train DataLoader built exactly as ``catdog.train`` builds it (shuffled, the configured
     workers, persistent, prepared by Accelerate) iterated without a model, each batch finished by the dataset's
-    ``batch_transform`` on the device: JPEG (decode, resize, flip, rotate, collate in the workers) and data.cache
-    (memory-mapped uint8 read in the workers or in the main process, then flip, rotate and normalise on the device).
+    ``batch_transform`` on the device: JPEG (decode, resize, flip, rotate, collate in the workers, then normalise
+    on the device) and data.cache (memory-mapped uint8 read in the workers or in the main process, then flip,
+    rotate and normalise on the device).
     Per core = images per CPU-second that the main process and its DataLoader workers spent (user + system, from
     /proc via psutil): the rate one fully busy core sustains, whatever the number of workers.
 (c) training loop: ``catdog.train.train_one_epoch`` over the same loader, with the time the loop waited for its
@@ -32,6 +33,9 @@ augmentation (timm: RandomResizedCrop, flip, colour jitter; catdog: resize, flip
 ``--timm-images`` photos (``--skip-measure`` runs only this). timm's rate is parsed from its own per-step log lines
 (``Time: <s>``, log interval 1); catdog's comes from the same per-step times, taken around its loader; both over
 the epoch without its first step (worker start-up and the first batch's decoding), and with it in brackets.
+catdog's jobs set glibc's allocator up on the CPU (``catdog.devices.keep_freed_memory``); timm's train.py runs as a
+user would run it, and once more with the same settings given through glibc's environment variables, so the table
+shows how much of a lead is the allocator's and how much the loop's.
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ from catdog.devices import accelerator_for
 from catdog.errors import CatdogError
 from extract import chosen_images, link_images  # bench/extract.py, beside this script (sys.path[0])
 
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+"""glibc's environment variables for the settings of ``catdog.devices.keep_freed_memory``."""
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cats_vs_dogs"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +245,8 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
     print(f"\nbest of {args.rounds} round(s), over one pass of {images} photos; load average now "
           f"{os.getloadavg()[0]:.1f}")
     print(f"(a) step alone (ready tensors)     : {step_rate:6.1f} images/s ({step_seconds / steps * 1000:.0f} ms per "
-          f"step; {step_cpu / images * 1000:.0f} CPU-ms per image)")
+          f"step; {step_cpu / images * 1000:.0f} CPU-ms per image); per round: "
+          + ", ".join(f"{images / seconds:.1f}" for seconds, _ in step))
     for name, (dataset, workers) in paths.items():
         wall, main_cpu, worker_cpu, seen = min(pipeline[name])
         cpu = main_cpu + worker_cpu
@@ -253,7 +260,8 @@ def measure(args, config, data_root: Path, cache_dir: Path) -> None:
         print(f"(c) training loop (train_one_epoch): {loop_rate:6.1f} images/s; "
               f"{(loop_main + loop_workers) / seen * 1000:.0f} CPU-ms per image ({loop_main / seen * 1000:.0f} main, "
               f"{loop_workers / seen * 1000:.0f} workers); waited "
-              f"{timed.wait:.2f} s for batches ({timed.wait / loop_seconds:.0%} of {loop_seconds:.1f} s)")
+              f"{timed.wait:.2f} s for batches ({timed.wait / loop_seconds:.0%} of {loop_seconds:.1f} s); per round: "
+              + ", ".join(f"{entry[0]['images_per_second']:.1f}" for entry in loop[name]))
         print(f"(c)/(a)                            : {loop_rate / step_rate:6.2f}  (goal >= 0.95); by CPU time "
               f"(CPU-ms per image of (a) / of (c), less sensitive to other load on the machine): "
               f"{step_cpu * seen / images / (loop_main + loop_workers):.2f}")
@@ -270,8 +278,10 @@ def catdog_epoch(config, dataset, classes: list[str]) -> tuple[float, float, str
     return steady_rate(timed, sizes), record["images_per_second"], {"no": "fp32"}.get(bench.precision, bench.precision)
 
 
-def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> tuple[float, float, str]:
-    """One epoch of timm's train.py in a subprocess: images/s without the first step, and with it, from its log."""
+def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path,
+               freed_memory_kept: bool = False) -> tuple[float, float, str]:
+    """One epoch of timm's train.py in a subprocess: images/s without the first step, and with it, from its log;
+    with ``freed_memory_kept``, under glibc's environment variables for what ``keep_freed_memory`` sets."""
     command = [sys.executable, str(args.timm_train), "--data-dir", str(data_root), "--train-split", "train",
                "--val-split", "", "--model", models.timm_name(config.model.name), "--num-classes", str(len(classes)),
                "-b", "32", "-j", "2", "--epochs", "1", "--channels-last", "--device", "cpu", "--opt", "adam",
@@ -280,7 +290,8 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
     if args.timm_precision == "bf16":
         command += ["--amp", "--amp-dtype", "bfloat16"]
     print("$ " + shlex.join(command))
-    finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+    env = {**os.environ, **(MALLOC_ENVIRONMENT if freed_memory_kept else {})}
+    finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True, env=env)
     log = finished.stdout + finished.stderr
     if finished.returncode:
         print(log[-3000:])
@@ -292,6 +303,9 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path) -> 
         raise CatdogError("could not find timm's per-step 'Time: <s>' log lines")
     images = len(list((data_root / "train").rglob("*.jpg")))
     return (images - 32) / sum(seconds[1:]), images / sum(seconds), "bf16" if "--amp" in command else "fp32"
+
+
+TIMM_KEPT = "timm train.py, freed memory kept"
 
 
 def timm_compare(args, data_root: Path, tmp: Path) -> None:
@@ -307,10 +321,11 @@ def timm_compare(args, data_root: Path, tmp: Path) -> None:
     if args.timm_cache:
         datasets["catdog (data.cache)"] = open_split(data_root, "train", config.data.model_copy(update={"cache": True}),
                                                      train=True, classes=classes, cache_dir=tmp / "timm-cache")
-    runs: dict[str, list[tuple[float, float, str]]] = {"timm train.py": [], **{name: [] for name in datasets}}
+    timm_runs = {"timm train.py": False, TIMM_KEPT: True}
+    runs: dict[str, list[tuple[float, float, str]]] = {name: [] for name in [*timm_runs, *datasets]}
     for round_ in range(args.rounds):
         for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
-            runs[name].append(timm_epoch(args, config, data_root, classes, tmp) if name == "timm train.py"
+            runs[name].append(timm_epoch(args, config, data_root, classes, tmp, timm_runs[name]) if name in timm_runs
                               else catdog_epoch(config, datasets[name], classes))
     best = {name: max(rates) for name, rates in runs.items()}
     mean = {name: sum(rate for rate, _, _ in rates) / len(rates) for name, rates in runs.items()}
@@ -320,11 +335,12 @@ def timm_compare(args, data_root: Path, tmp: Path) -> None:
           f"first step), mean, every round; load average now {os.getloadavg()[0]:.1f}")
     for name, rates in runs.items():
         steady, whole, precision = best[name]
-        label = "timm train.py (its own per-step log)" if name == "timm train.py" else name + " (around its loader)"
-        ratio = "" if name == "timm train.py" else (
+        label = name + (" (its own per-step log)" if name in timm_runs else " (around its loader)")
+        ratio = "" if name in timm_runs else (
             f";  catdog / timm: best {steady / timm_rate:.2f} ({whole / timm_all:.2f}), "
-            f"mean {mean[name] / mean['timm train.py']:.2f}")
-        print(f"{label + ', ' + precision:45s}: {steady:5.1f} ({whole:.1f}), mean {mean[name]:5.1f}, every round "
+            f"mean {mean[name] / mean['timm train.py']:.2f}; / timm with freed memory kept: best "
+            f"{steady / best[TIMM_KEPT][0]:.2f}, mean {mean[name] / mean[TIMM_KEPT]:.2f}")
+        print(f"{label + ', ' + precision:56s}: {steady:5.1f} ({whole:.1f}), mean {mean[name]:5.1f}, every round "
               + ", ".join(f"{rate:.1f}" for rate, _, _ in rates) + ratio)
 
 

@@ -10,7 +10,7 @@ written under a temporary name and renamed, and the key is removed before a rebu
 build leaves no file that a later run would take for a cache (its temporary file is removed by the next build).
 
 Images are decoded exactly as the JPEG path decodes them (``catdog.data.load_rgb``, JPEG draft mode, then
-torchvision's ``Resize`` on the PIL image), so an eval batch equals the JPEG path's to float rounding. Training
+``catdog.data.decode_steps``), so an eval batch equals the JPEG path's to float rounding. Training
 augmentation runs on whole batches on the model's device: ``catdog.data.BatchTransform``.
 """
 from __future__ import annotations
@@ -28,15 +28,16 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import ImageDataset, Sample, build_batch_transform, load_rgb
+from catdog.data import ImageDataset, Sample, build_batch_transform, decode_steps, load_rgb
 from catdog.io import atomic_path, read_json, write_json
 from catdog.progress import progress_bar
 
 CACHE_VERSION = 1
-DECODING = "catdog.data.load_rgb(path, size) (JPEG draft mode), torchvision Resize((size, size)) on the PIL image"
+DECODING = ("catdog.data.load_rgb(path, size) (JPEG draft mode), torchvision v2 Resize((size, size), antialias) on "
+            "the uint8 tensor")
 log = logging.getLogger(__name__)
 
 
@@ -59,24 +60,20 @@ def cache_key(root: Path, samples: list[Sample], cfg: DataConfig) -> dict:
             "interpolation": cfg.interpolation, "decoding": DECODING, "samples_sha256": listing.hexdigest()}
 
 
-def decode_image(path: Path, size: int, resize: T.Resize) -> np.ndarray:
-    """One image as the JPEG path sees it before ``ToTensor``: uint8, channels first, ``size`` x ``size``."""
-    return np.asarray(resize(load_rgb(path, size)), dtype=np.uint8).transpose(2, 0, 1)
-
-
 class _Decoded(Dataset):
-    """The split's images decoded in a DataLoader's workers while the file is built."""
+    """The split's images decoded in a DataLoader's workers while the file is built, each as the JPEG path sees it
+    before augmentation (``catdog.data.decode_steps``): uint8, channels first, ``size`` x ``size``."""
 
-    def __init__(self, samples: list[Sample], size: int, interpolation: str):
+    def __init__(self, samples: list[Sample], cfg: DataConfig):
         self.paths = [s.path for s in samples]
-        self.size = size
-        self.resize = T.Resize((size, size), interpolation=T.InterpolationMode(interpolation))
+        self.size = cfg.image_size
+        self.decode = v2.Compose(decode_steps(cfg))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return decode_image(self.paths[index], self.size, self.resize)
+        return self.decode(load_rgb(self.paths[index], self.size)).numpy()
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -86,7 +83,7 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 def build(path: Path, samples: list[Sample], cfg: DataConfig, workers: int, desc: str) -> None:
     """Decode every sample into a new ``.npy`` file at ``path`` (written under a temporary name, then renamed)."""
     size = cfg.image_size
-    loader = DataLoader(_Decoded(samples, size, cfg.interpolation), batch_size=32, num_workers=workers,
+    loader = DataLoader(_Decoded(samples, cfg), batch_size=32, num_workers=workers,
                         collate_fn=_stack)
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, size, size))
@@ -151,7 +148,7 @@ class CachedImageDataset(ImageDataset):
                  cache_dir: str | os.PathLike):
         super().__init__(root, split, classes, transform=None, image_size=cfg.image_size)
         self.path = ensure_cache(self.root, split, self.samples, cfg, cache_dir, workers=cfg.num_workers)
-        self.batch_transform = build_batch_transform(cfg, train)
+        self.batch_transform = build_batch_transform(cfg, augment=train)
         self._images: np.ndarray | None = None
 
     @property
@@ -164,7 +161,7 @@ class CachedImageDataset(ImageDataset):
     def unaugmented(self, cfg: DataConfig) -> "CachedImageDataset":
         """The same samples and array file with the evaluation batch transform."""
         view = copy.copy(self)
-        view.batch_transform = build_batch_transform(cfg, train=False)
+        view.batch_transform = build_batch_transform(cfg, augment=False)
         return view
 
     def __getstate__(self) -> dict:

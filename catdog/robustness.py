@@ -37,12 +37,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from catdog import models
 from catdog.config import Config, save_config
-from catdog.data import IMAGE_SUFFIXES, build_transform
+from catdog.data import IMAGE_SUFFIXES, decode_steps
 from catdog.devices import accelerator_for, autocast
 from catdog.errors import CatdogError
 from catdog.io import write_json
@@ -95,8 +95,8 @@ def corrupt(name: str, images: torch.Tensor, indices: Sequence[int], parameters:
             warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
                                     DeprecationWarning)
             compressed = F.jpeg(images, quality=parameters[name]["quality"])
-        return compressed.to(torch.float32).div(255)
-    x = images.to(torch.float32).div(255)  # as ToTensor does, so that the clean batch is the evaluation's exactly
+        return F.to_dtype(compressed, torch.float32, scale=True)
+    x = F.to_dtype(images, torch.float32, scale=True)  # as build_transform does: the clean batch is the eval's exactly
     if name == CLEAN:
         return x
     p = parameters[name]
@@ -116,13 +116,10 @@ def corrupt(name: str, images: torch.Tensor, indices: Sequence[int], parameters:
     raise ValueError(f"unknown corruption {name!r}; one of {CLEAN}, {', '.join(parameters)}")
 
 
-def decode_transform(data) -> T.Compose:
-    """The run's eval transform up to the tensor: its resize (and whatever else precedes ``ToTensor``), then a
-    uint8 tensor; ``ToTensor``'s scaling and the normalisation are done per batch after the corruption."""
-    steps = build_transform(data, train=False).transforms
-    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
-        raise RuntimeError(f"catdog.data.build_transform no longer ends with ToTensor, Normalize: {steps}")
-    return T.Compose([*steps[:-2], T.PILToTensor()])
+def decode_transform(data) -> v2.Compose:
+    """The run's eval transform up to its uint8 tensor (``catdog.data.decode_steps``); the scaling to [0, 1] and
+    the normalisation are done per batch after the corruption."""
+    return v2.Compose(decode_steps(data))
 
 
 def labelled_split(data_root: str | os.PathLike, split: str, classes: list[str]) -> list:

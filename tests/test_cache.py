@@ -33,13 +33,13 @@ def root(tmp_path):
 
 def count_decodes(monkeypatch) -> list:
     calls = []
-    original = cache.decode_image
+    original = cache.load_rgb
 
     def counted(*args):
         calls.append(args[0])
         return original(*args)
 
-    monkeypatch.setattr(cache, "decode_image", counted)
+    monkeypatch.setattr(cache, "load_rgb", counted)
     return calls
 
 
@@ -106,14 +106,14 @@ def test_built_once_reused_then_rebuilt_when_the_images_change(root, tmp_path, m
 
 def test_a_build_that_fails_half_way_leaves_nothing_that_is_used(root, tmp_path, monkeypatch):
     decoded = count_decodes(monkeypatch)
-    original = cache.decode_image
+    original = cache.load_rgb
 
     def failing(*args):
         if len(decoded) > 3:
             raise OSError("disk gone")
         return original(*args)
 
-    monkeypatch.setattr(cache, "decode_image", failing)
+    monkeypatch.setattr(cache, "load_rgb", failing)
     with pytest.raises(OSError, match="disk gone"):
         open_split(root, "train", CACHED, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".train.lock"]
@@ -125,11 +125,11 @@ from catdog import cache
 from catdog.config import DataConfig
 from catdog.data import open_split
 
-original = cache.decode_image
+original = cache.load_rgb
 def slow(*args):
     time.sleep(0.5)
     return original(*args)
-cache.decode_image = slow
+cache.load_rgb = slow
 open_split(sys.argv[1], "train", DataConfig.model_validate_json(sys.argv[2]), cache_dir=sys.argv[3])
 """
 
@@ -198,7 +198,7 @@ def test_rotations_are_drawn_per_image_and_match_torchvision():
 
 def test_augmentation_is_reproducible_under_the_global_seed():
     batch = identical_batch()
-    transform = build_batch_transform(CACHED, train=True)
+    transform = build_batch_transform(CACHED, augment=True)
     torch.manual_seed(7)
     first = transform(batch)
     torch.manual_seed(7)
@@ -212,7 +212,7 @@ def test_eval_transform_does_not_augment_and_the_transform_pickles():
     import pickle
 
     batch = identical_batch()
-    transform = build_batch_transform(CACHED, train=False)
+    transform = build_batch_transform(CACHED, augment=False)
     assert (transform.hflip, transform.rotation) == (False, 0.0)
     out = pickle.loads(pickle.dumps(transform))(batch)
     expected = (batch.float() / 255 - torch.tensor(CACHED.mean).view(3, 1, 1)) / torch.tensor(CACHED.std).view(3, 1, 1)

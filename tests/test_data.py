@@ -3,9 +3,13 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
+from skimage import data as skimage_data
+from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import CPU_WORKER_NICENESS, build_transform, find_classes, loader_options, open_split
+from catdog.data import CPU_WORKER_NICENESS, build_transform, decode_steps, find_classes, loader_options, open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
 
@@ -72,6 +76,30 @@ def test_a_class_without_images_in_one_split_is_named(tmp_path):
     assert len(open_split(root, "train", SMALL)) == 4
     with pytest.raises(CatdogError, match=f"class folder {root / 'test' / 'dog'}: no readable images"):
         open_split(root, "test", SMALL)
+
+
+def test_jpeg_training_items_are_uint8_and_normalised_per_batch(synthetic_root):
+    """The workers ship uint8 training images; the dataset's batch transform normalises them on the device to what
+    the eval transform makes of each image (float rounding apart)."""
+    plain = SMALL.model_copy(update={"hflip": False, "rotation": 0.0})
+    train_set, eval_set = open_split(synthetic_root, "train", plain, train=True), open_split(synthetic_root, "train", plain)
+    items = torch.stack([train_set[i][0] for i in range(4)])
+    assert items.dtype == torch.uint8 and items.shape == (4, 3, 32, 32)
+    expected = torch.stack([eval_set[i][0] for i in range(4)])
+    assert torch.allclose(train_set.batch_transform(items), expected, atol=1e-5)
+    assert train_set.unaugmented(plain).batch_transform(expected) is expected
+    assert open_split(synthetic_root, "train", SMALL, train=True)[0][0].dtype == torch.uint8  # augmented, still uint8
+
+
+def test_the_tensor_resize_matches_pil():
+    """decode_steps resizes on the uint8 tensor; a photo comes out as PIL's own resize would make it, to about one
+    grey level."""
+    photo = Image.fromarray(skimage_data.chelsea())
+    cfg = SMALL.model_copy(update={"image_size": 224, "interpolation": "bicubic"})
+    ours = v2.Compose(decode_steps(cfg))(photo).int()
+    pil = T.PILToTensor()(T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC)(photo)).int()
+    difference = (ours - pil).abs()
+    assert difference.max() <= 8 and (difference > 1).float().mean() < 1e-3
 
 
 def test_a_transform_needs_a_resolved_data_config():
