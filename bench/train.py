@@ -340,7 +340,7 @@ def timm_compare(args, data_root: Path, tmp: Path) -> None:
             f";  catdog / timm: best {steady / timm_rate:.2f} ({whole / timm_all:.2f}), "
             f"mean {mean[name] / mean['timm train.py']:.2f}; / timm with freed memory kept: best "
             f"{steady / best[TIMM_KEPT][0]:.2f}, mean {mean[name] / mean[TIMM_KEPT]:.2f}")
-        print(f"{label + ', ' + precision:56s}: {steady:5.1f} ({whole:.1f}), mean {mean[name]:5.1f}, every round "
+        print(f"{label + ', ' + precision:62s}: {steady:5.1f} ({whole:.1f}), mean {mean[name]:5.1f}, every round "
               + ", ".join(f"{rate:.1f}" for rate, _, _ in rates) + ratio)
 
 

@@ -106,7 +106,8 @@ def load_rgb(path: Path, size: int | None = None) -> Image.Image:
 
 def decode_steps(cfg: DataConfig) -> list:
     """What every path first makes of a decoded image: a uint8 tensor ``(3, size, size)``. The resize runs on the
-    tensor: torch's antialiased uint8 kernel matches PIL's resize to one grey level and is about 5x faster."""
+    tensor: torch's antialiased uint8 kernel gives PIL's result to about one grey level at a fraction of the cost
+    (``bench/train.py``, line (b) of the JPEG path)."""
     unset = [key for key in ("image_size", "interpolation", "mean", "std") if getattr(cfg, key) is None]
     if unset:
         raise ValueError(f"data config not resolved ({', '.join(unset)} unset): use catdog.models.data_config")
@@ -119,7 +120,7 @@ def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
     and statistics resolved from the model by ``catdog.models.data_config``), then
 
     - for training, the seed's augmentation (horizontal flip, rotation) on the PIL image, whose nearest-neighbour
-      rotation costs a quarter of torch's on a uint8 tensor; the image stays uint8, and
+      rotation is cheaper than torch's on a uint8 tensor; the image stays uint8, and
       ``build_batch_transform(cfg, augment=False)`` normalises the whole batch on the model's device, as timm's
       prefetcher does: a quarter of the bytes through the workers' queue, and less of the CPU taken from the step;
     - for evaluation, float32 and normalised, the input every reader of a split expects.
@@ -140,10 +141,10 @@ def no_batch_transform(batch: torch.Tensor) -> torch.Tensor:
 
 
 class BatchTransform:
-    """What finishes uint8 batches ``(B, 3, H, W)`` on the model's device, on any device: to float32, for
-    ``data.cache``'s training the JPEG path's augmentation drawn per image (horizontal flip with p = 0.5, rotation uniform in
-    ``[-rotation, rotation]`` degrees, nearest neighbour with zero fill like ``T.RandomRotation``; one
-    ``grid_sample`` for both), then the normalisation. Returns float32 ``(B, 3, H, W)`` on the batch's device.
+    """Turns a uint8 batch ``(B, 3, H, W)`` into the model's input on whatever device it is on: float32, for
+    ``data.cache``'s training batches the JPEG path's augmentation drawn per image (horizontal flip with p = 0.5,
+    rotation uniform in ``[-rotation, rotation]`` degrees, nearest neighbour with zero fill like
+    ``T.RandomRotation``; one ``grid_sample`` for both), then the normalisation.
 
     The draws come from torch's global CPU generator (``set_seed`` / ``torch.manual_seed``), two per batch when both
     augmentations are on (flips, then angles), so a seeded run draws the same augmentations on any device.

@@ -82,7 +82,8 @@ def test_jpeg_training_items_are_uint8_and_normalised_per_batch(synthetic_root):
     """The workers ship uint8 training images; the dataset's batch transform normalises them on the device to what
     the eval transform makes of each image (float rounding apart)."""
     plain = SMALL.model_copy(update={"hflip": False, "rotation": 0.0})
-    train_set, eval_set = open_split(synthetic_root, "train", plain, train=True), open_split(synthetic_root, "train", plain)
+    train_set = open_split(synthetic_root, "train", plain, train=True)
+    eval_set = open_split(synthetic_root, "train", plain)
     items = torch.stack([train_set[i][0] for i in range(4)])
     assert items.dtype == torch.uint8 and items.shape == (4, 3, 32, 32)
     expected = torch.stack([eval_set[i][0] for i in range(4)])
