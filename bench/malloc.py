@@ -17,9 +17,8 @@ import sys
 
 import torch
 
-from catdog import models
 from catdog.devices import keep_freed_memory
-from precision import step_rate  # bench/precision.py, beside this script (sys.path[0])
+from precision import ready_step, step_rate  # bench/precision.py, beside this script (sys.path[0])
 
 ALLOCATORS = ("glibc defaults", "keep_freed_memory")
 
@@ -27,12 +26,7 @@ ALLOCATORS = ("glibc defaults", "keep_freed_memory")
 def child(args) -> None:
     """One measurement, printed as a JSON line."""
     tuned = args.child == ALLOCATORS[1] and keep_freed_memory()
-    torch.manual_seed(0)
-    network = models.create(args.model, 2, pretrained="none", freeze_stages=args.freeze).train()
-    network = network.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam([q for q in network.parameters() if q.requires_grad], lr=1e-4)
-    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 2, (args.batch,))
+    network, optimizer, images, labels = ready_step(args.model, args.freeze, args.batch, args.size)
     step_rate(network, optimizer, images, labels, args.precision, 2)  # warm-up: first allocations, Adam's state
     before = resource.getrusage(resource.RUSAGE_SELF)
     rate = step_rate(network, optimizer, images, labels, args.precision, args.steps)

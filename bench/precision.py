@@ -27,6 +27,17 @@ def step_rate(network, optimizer, images, labels, precision: str, steps: int) ->
     return steps * len(labels) / (time.perf_counter() - start)
 
 
+def ready_step(model: str, freeze: int, batch: int, size: int) -> tuple:
+    """A random-init network in channels_last with ``freeze`` stages frozen, its Adam optimizer, and one ready
+    batch: what the step is timed on."""
+    torch.manual_seed(0)
+    network = models.create(model, 2, pretrained="none", freeze_stages=freeze).train()
+    network = network.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([q for q in network.parameters() if q.requires_grad], lr=1e-4)
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    return network, optimizer, images, torch.randint(0, 2, (batch,))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
@@ -37,12 +48,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     keep_freed_memory()
-    torch.manual_seed(0)
-    network = models.create(args.model, 2, pretrained="none", freeze_stages=args.freeze).train()
-    network = network.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam([q for q in network.parameters() if q.requires_grad], lr=1e-4)
-    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 2, (args.batch,))
+    network, optimizer, images, labels = ready_step(args.model, args.freeze, args.batch, args.size)
     rates = {"no": [], "bf16": []}
     step_rate(network, optimizer, images, labels, "no", 1)  # warm-up
     step_rate(network, optimizer, images, labels, "bf16", 1)

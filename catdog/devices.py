@@ -25,13 +25,15 @@ def autocast(device_type: str, precision: str) -> torch.autocast:
 
 
 def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
-    """``auto``: bf16 where the hardware runs it fast (CPUs with AMX tiles, Ampere+ GPUs), fp16 on older GPUs,
-    else full precision. A CPU with AVX512-BF16 but no AMX runs Lite0's training step 3-7% slower under bf16
-    autocast than in fp32 (``bench/precision.py``), and one without either only adds conversions."""
+    """``auto``: bf16 where the hardware runs it fast (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), fp16 on older GPUs,
+    else full precision (on CPUs without bf16 units autocast only adds conversions: measured slower here). On an
+    AVX512-BF16 CPU without AMX the training step is about as fast either way, and evaluation faster in bf16
+    (README, "Notes on this CPU")."""
     if setting != "auto":
         return setting
     if on_cpu:
-        return "bf16" if torch.cpu._is_amx_tile_supported() else "no"
+        fast_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bf16" if fast_bf16 else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 

@@ -8,7 +8,7 @@ Evaluating a labelled folder repeats what ``catdog.train.evaluate`` did: the sam
 (``catdog.data.list_samples``: its files with an image suffix, sorted, not recursive), the run's eval transform and
 batch size, channels_last when the run trained with it, the mirror-image average when it evaluated with
 ``train.tta_hflip``, and autocast at the precision the run's ``summary.json``
-records (Accelerate evaluates under the training autocast, e.g. bf16 on CPUs with AMX). On the run's own
+records (Accelerate evaluates under the training autocast, e.g. bf16 on CPUs with AVX512-BF16). On the run's own
 val split the accuracy is therefore the ``val_accuracy`` of ``summary.json``, exactly.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ crash, rebuilding damaged shards, refusing another checkpoint, and two processes
 Numbers are compared with tolerances scaled to their magnitude where two different computations meet (the
 BatchNorm-folded network against the unfolded one, float16 maps against float32), and exactly where one
 computation is repeated on the same machine (a rerun against the first run). Extraction is pinned to float32
-(``extract.mixed_precision=no``): ``auto`` picks bf16 on CPUs with AMX.
+(``extract.mixed_precision=no``): ``auto`` picks bf16 on CPUs with AVX512-BF16 or AMX.
 """
 from __future__ import annotations
 
