@@ -9,7 +9,7 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import CPU_WORKER_NICENESS, build_transform, decode_steps, find_classes, loader_options, open_split
+from catdog.data import build_transform, decode_steps, find_classes, loader_options, open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
 
@@ -108,21 +108,23 @@ def test_a_transform_needs_a_resolved_data_config():
         build_transform(DataConfig(image_size=32, interpolation="bicubic"), train=False)
 
 
-class _Niceness(torch.utils.data.Dataset):
-    """Each item is the scheduling niceness of the process that loads it."""
+class _SchedulingPolicy(torch.utils.data.Dataset):
+    """Each item is the scheduling policy of the process that loads it."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
-        return os.nice(0)
+        return os.sched_getscheduler(0)
 
 
-def test_cpu_loader_workers_run_at_lower_priority_than_the_step():
-    mine = os.nice(0)
-    cpu = torch.utils.data.DataLoader(_Niceness(), batch_size=2, **loader_options(2, torch.device("cpu")))
-    assert [int(n) for batch in cpu for n in batch] == [min(19, mine + CPU_WORKER_NICENESS)] * 4
-    assert os.nice(0) == mine  # the training process keeps its own priority
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_cpu_loader_workers_run_only_when_the_cpu_is_idle():
+    mine = os.sched_getscheduler(0)
+    assert mine != os.SCHED_IDLE
+    cpu = torch.utils.data.DataLoader(_SchedulingPolicy(), batch_size=2, **loader_options(2, torch.device("cpu")))
+    assert [int(p) for batch in cpu for p in batch] == [os.SCHED_IDLE] * 4
+    assert os.sched_getscheduler(0) == mine  # the training process keeps its own policy
     gpu = loader_options(2, torch.device("cuda"))
     assert gpu["pin_memory"] and gpu["persistent_workers"] and "worker_init_fn" not in gpu
     assert loader_options(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
