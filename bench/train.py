@@ -59,12 +59,10 @@ from catdog import train as catdog_train
 from catdog.cli import run_job
 from catdog.config import load_config
 from catdog.data import find_classes, loader_options, open_split
-from catdog.devices import accelerator_for
+from catdog.devices import FREED_MEMORY_KEPT, accelerator_for
 from catdog.errors import CatdogError
 from extract import chosen_images, link_images  # bench/extract.py, beside this script (sys.path[0])
 
-MALLOC_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-"""glibc's environment variables for the settings of ``catdog.devices.keep_freed_memory``."""
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cats_vs_dogs"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,7 +288,8 @@ def timm_epoch(args, config, data_root: Path, classes: list[str], tmp: Path,
     if args.timm_precision == "bf16":
         command += ["--amp", "--amp-dtype", "bfloat16"]
     print("$ " + shlex.join(command))
-    env = {**os.environ, **(MALLOC_ENVIRONMENT if freed_memory_kept else {})}
+    env = {**os.environ, **({name: str(value) for name, value in FREED_MEMORY_KEPT.items()} if freed_memory_kept
+                            else {})}
     finished = subprocess.run(command, cwd=tmp, capture_output=True, text=True, env=env)
     log = finished.stdout + finished.stderr
     if finished.returncode:

@@ -265,8 +265,8 @@ def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool
 def run_when_idle(worker_id: int) -> None:
     """Put a DataLoader worker under ``SCHED_IDLE`` (the lowest nice where Linux has no such policy), so that it runs
     only on a core the training step leaves idle. A worker that merely has a lower priority still takes a core from
-    one of the step's two OpenMP threads now and then, and the other one spins at the next barrier meanwhile: the
-    JPEG loop kept 0.91 of the step with workers at nice 10, 0.95 with ``SCHED_IDLE`` (``bench/train.py``)."""
+    one of the step's OpenMP threads now and then (and, likely, the other spins at the next barrier meanwhile): the
+    JPEG loop kept 0.91 of the step with workers at nice 10, 0.94-0.97 with ``SCHED_IDLE`` (``bench/train.py``)."""
     if hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     else:
