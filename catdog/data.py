@@ -256,10 +256,8 @@ def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool
 
         build_transform(cfg, train)  # the same check that the config is resolved
         return CachedImageDataset(root, split, classes, cfg, train, cache_dir)
-    if train:
-        return ImageDataset(root, split, classes, build_transform(cfg, train=True), cfg.image_size,
-                            batch_transform=build_batch_transform(cfg, augment=False))
-    return ImageDataset(root, split, classes, build_transform(cfg, train=False), cfg.image_size)
+    batch_transform = build_batch_transform(cfg, augment=False) if train else no_batch_transform
+    return ImageDataset(root, split, classes, build_transform(cfg, train), cfg.image_size, batch_transform)
 
 
 def run_when_idle(worker_id: int) -> None:

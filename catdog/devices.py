@@ -49,7 +49,7 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    return all([bool(libc.mallopt(MALLOPT_PARAMETERS[name], value)) for name, value in FREED_MEMORY_KEPT.items()])
+    return all([libc.mallopt(MALLOPT_PARAMETERS[name], value) == 1 for name, value in FREED_MEMORY_KEPT.items()])
 
 
 def use_cpu_cores(accelerator: Accelerator, threads: int | None = None) -> None:
