@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Subset
 
 from catdog import models
 from catdog.config import DataConfig
-from catdog.data import build_transform, find_classes, open_split
+from catdog.data import build_transform, find_classes
+from catdog.splits import open_split
 
 CANDIDATES = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception (0.5, 0.5)": ((0.5,) * 3, (0.5,) * 3)}
 IMAGENET_CATS, IMAGENET_DOGS = range(281, 286), range(151, 269)

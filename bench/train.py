@@ -58,7 +58,8 @@ from catdog import models
 from catdog import train as catdog_train
 from catdog.cli import run_job
 from catdog.config import load_config
-from catdog.data import find_classes, loader_options, open_split
+from catdog.data import find_classes, loader_options
+from catdog.splits import open_split
 from catdog.devices import FREED_MEMORY_KEPT, accelerator_for
 from catdog.errors import CatdogError
 from extract import chosen_images, link_images  # bench/extract.py, beside this script (sys.path[0])

@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from catdog.config import Config, DataConfig, GradcamConfig, save_config
-from catdog.data import ImageDataset, find_classes, load_rgb, open_split
+from catdog.data import ImageDataset, find_classes, load_rgb
+from catdog.splits import open_split
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.models import Network, cam_layer_name

@@ -3,6 +3,7 @@ with exit code 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -10,14 +11,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from catdog.config import Config, load_config
+from catdog.config import Config, load_config, load_recipe
 from catdog.errors import CatdogError
 
 
-def parser(description: str, overrides: bool = True) -> argparse.ArgumentParser:
+def parser(description: str, overrides: bool = True, recipes: bool = False) -> argparse.ArgumentParser:
     """An argument parser that keeps the usage examples' line breaks, with ``--config FILE`` and trailing
-    ``section.key=value`` overrides (unless ``overrides`` is False, for jobs without a config)."""
+    ``section.key=value`` overrides (unless ``overrides`` is False, for jobs without a config); with ``recipes``,
+    also ``--model NAME``: that model's recipe (``catdog.config.load_recipe``) instead of a config file."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if recipes:
+        p.add_argument("--model", help="a model name: its recipe configs/<NAME>.yaml when catdog ships one, else the "
+                                       "defaults with model.name=NAME (instead of --config)")
     if overrides:
         p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -26,7 +31,12 @@ def parser(description: str, overrides: bool = True) -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace, fallback: str | None = None) -> Config:
-    """The config named by ``--config`` (else ``fallback``, e.g. a run's own config.yaml) with overrides applied."""
+    """The config named by ``--config`` or ``--model`` (else ``fallback``, e.g. a run's own config.yaml) with
+    overrides applied."""
+    if getattr(args, "model", None):
+        if args.config:
+            raise CatdogError(f"--model {args.model} and --config {args.config}: give one of them")
+        return load_recipe(args.model, args.overrides)
     if args.config is None and fallback is not None and not Path(fallback).is_file():
         raise CatdogError(f"run {Path(fallback).parent}: no config.yaml; give a run directory written by "
                           "jobs/train.py (or --config FILE)")
@@ -56,11 +66,42 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def run_job(main: Callable[[], object]) -> None:
-    """Run a job's ``main``: a ``CatdogError`` becomes one line, ``error: ...``, on stderr and exit code 2."""
+def _chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or during."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk or an exhausted quota. Not every writer
+    raises ``OSError(ENOSPC)``: HDF5 and torch's zip writer raise RuntimeErrors that only quote it."""
+    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+               for e in _chain(exc))
+
+
+def run_job(main: Callable[[], object], interrupted: str = "run the same command again: finished work is kept") -> None:
+    """Run a job's ``main``; what a user causes or meets ends in one line on stderr, without a traceback:
+    a ``CatdogError`` (printed by the first process of a job of several) or a full disk, ``error: ...`` and exit
+    code 2; Ctrl-C, exit code 130 and ``interrupted``, the
+    way to go on. Every artefact is written under a temporary name and renamed, so neither leaves a partial file
+    under a final name."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
     except CatdogError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process of a job checks the same inputs: one line for all
+            print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nerror: interrupted (Ctrl-C); {interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        where = next((Path(e.filename).parent for e in _chain(exc) if getattr(e, "filename", None)), None)
+        print(f"error: no space left on the device{f' writing in {where}' if where else ''}; free some space "
+              f"(df -h) and run the same command again: finished work is kept, the partial file was removed",
+              file=sys.stderr)
+        sys.exit(2)
+

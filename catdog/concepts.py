@@ -283,7 +283,7 @@ def _sample_figure(run: RunDir, network, store: FeatureStore, part: dict, data_r
     import torch
 
     from catdog.cam import class_activation_maps, sample_per_class
-    from catdog.data import open_split
+    from catdog.splits import open_split
 
     gcfg = config.gradcam
     dataset = open_split(data_root, "val", run.config().data, classes=store.classes)

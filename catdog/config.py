@@ -57,6 +57,9 @@ class DataConfig(Section):
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
     num_workers: NonNegativeInt = 2
+    max_image_pixels: PositiveInt = 89_478_485
+    """Image files larger than this (width x height, read from the header) are skipped like unreadable ones, before
+    they are decoded; the default is PIL's own limit against decompression bombs (about 9459 x 9459)."""
     cache: bool = False
     """Decode and resize each image once into a uint8 array file in the run (``RUN/cache``), memory-mapped, and
     augment whole batches as tensors on the model's device: no JPEG decoding in the training loop."""
@@ -247,6 +250,21 @@ class ConceptsConfig(Section):
     overlay_alpha: float = Field(0.5, ge=0, le=1)
 
 
+class CompareConfig(Section):
+    """``jobs/compare.py``: two or more runs trained on the same data, side by side."""
+
+    method: Optional[str] = None
+    """The grad-cam method whose maps are compared (one the gradcam stage ran); ``None``: gradcam if it ran, else the
+    first method it ran."""
+    top_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each map taken as its top region for the IoU between two models' maps."""
+    cka_shuffles: PositiveInt = 20
+    """Row shuffles of one model's features averaged for the CKA baseline."""
+    montage_images: PositiveInt = 12
+    """At most this many disagreements in each pair's montage."""
+    seed: int = 0
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -258,6 +276,7 @@ class Config(Section):
     topact: TopactConfig = TopactConfig()
     gradcam: GradcamConfig = GradcamConfig()
     concepts: ConceptsConfig = ConceptsConfig()
+    compare: CompareConfig = CompareConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -324,6 +343,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise CatdogError(_describe(exc, source)) from None
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+"""The recipes catdog ships, one per model: ``configs/<model>.yaml``."""
+
+
+def recipe_path(model: str) -> Path | None:
+    """``configs/<model>.yaml`` when catdog ships a recipe for ``model``, else None (the defaults then apply)."""
+    path = RECIPES / f"{model}.yaml"
+    return path if "/" not in model and path.is_file() else None
+
+
+def load_recipe(model: str, overrides: list[str] | None = None) -> Config:
+    """A model's recipe (``recipe_path``, which names its timm model, e.g. ``resnet101.tv2_in1k``), else the
+    defaults with ``model.name=model``; then the overrides."""
+    path = recipe_path(model)
+    return load_config(path, [*([] if path else [f"model.name={model}"]), *(overrides or [])])
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

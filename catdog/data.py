@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +57,64 @@ class Sample:
     label: int
 
 
-def _readable(path: Path) -> bool:
-    """Cheap header check: a file PIL cannot even identify (0 bytes, not an image) is left out."""
+def limit_image_pixels(cfg: DataConfig) -> None:
+    """Make ``cfg.max_image_pixels`` PIL's own limit (``Image.MAX_IMAGE_PIXELS``), the one every check and decoder
+    reads, in this process and in the loader workers it forks."""
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+
+
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """A short reason why an image file cannot be used: what is wrong with it, not a traceback."""
+    if isinstance(exc, IsADirectoryError) or path.is_dir():
+        return "a folder, not an image file"
+    if isinstance(exc, FileNotFoundError):
+        return "file vanished before it was read"
     try:
-        with Image.open(path):
-            return True
-    except (UnidentifiedImageError, OSError):
-        return False
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (PIL cannot identify it)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large ({exc}); raise data.max_image_pixels to use it"
+    message = " ".join(str(exc).split())[:120]
+    return f"cannot decode ({type(exc).__name__}: {message})" if message else f"cannot decode ({type(exc).__name__})"
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """``Image.open``, refusing an image over ``Image.MAX_IMAGE_PIXELS`` from its header, before any decoding (PIL
+    itself only warns below twice its limit)."""
+    with warnings.catch_warnings():  # PIL warns between its limit and twice it; this refuses instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(f"{image.width} x {image.height} pixels, over the limit of "
+                                           f"{Image.MAX_IMAGE_PIXELS:,}")
+    return image
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used, from its header alone (cheap: nothing is decoded), or None."""
+    try:
+        with _open_checked(path):
+            return None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return unreadable_reason(path, exc)
+
+
+def warn_skipped(where: str | os.PathLike, skipped: list[tuple[Path | str, str]]) -> None:
+    """The one warning for image files a job leaves out, with a few of them and why."""
+    if skipped:
+        examples = "; ".join(f"{path} ({reason})" for path, reason in skipped[:3])
+        log.warning("%s: skipped %d image file(s) PIL cannot use: %s%s (jobs/prepare.py quarantines such files)",
+                    where, len(skipped), examples, "; ..." if len(skipped) > 3 else "")
 
 
 def list_samples(root: str | os.PathLike, split: str, classes: list[str]) -> list[Sample]:
-    """All images of a split, sorted by class then file name; unreadable files are skipped with a warning.
+    """All images of a split, sorted by class then file name; files PIL cannot use (unreadable, or over
+    ``Image.MAX_IMAGE_PIXELS``: see ``limit_image_pixels``) are skipped with a warning.
 
     Every class needs at least one readable image in every split: an empty class would train a head that
     never sees it, or make an accuracy that means nothing.
@@ -81,21 +129,23 @@ def list_samples(root: str | os.PathLike, split: str, classes: list[str]) -> lis
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            readable = _readable(path)
-            (samples if readable else skipped).append(Sample(path, label))
-            found += readable
+            problem = image_problem(path)
+            if problem:
+                skipped.append((path, problem))
+            else:
+                samples.append(Sample(path, label))
+                found += 1
         if not found:
             raise CatdogError(f"class folder {class_dir}: no readable images (suffixes {sorted(IMAGE_SUFFIXES)}); "
                               f"add images of {name!r} to {split}, or remove the class from every split")
-    if skipped:
-        log.warning("%s: skipped %d unreadable file(s), e.g. %s (jobs/prepare.py quarantines these)",
-                    root / split, len(skipped), skipped[0].path)
+    warn_skipped(root / split, skipped)
     return samples
 
 
 def load_rgb(path: Path, size: int | None = None) -> Image.Image:
-    """Decode an image as RGB; JPEGs are decoded at a reduced scale when that still covers ``size``."""
-    with Image.open(path) as image:
+    """Decode an image as RGB; JPEGs are decoded at a reduced scale when that still covers ``size``. An image over
+    ``Image.MAX_IMAGE_PIXELS`` is refused before it is decoded (``Image.DecompressionBombError``)."""
+    with _open_checked(path) as image:
         if size is not None and image.format == "JPEG":
             image.draft("RGB", (size, size))
         return image.convert("RGB")
@@ -205,7 +255,7 @@ def build_batch_transform(cfg: DataConfig, augment: bool) -> BatchTransform:
 
 class ImageDataset(Dataset):
     """``(image tensor, label, index)`` for each sample of one split; ``batch_transform`` finishes each batch on
-    the model's device (``open_split`` says which)."""
+    the model's device (``catdog.splits.open_split`` says which)."""
 
     def __init__(self, root: str | os.PathLike, split: str, classes: list[str], transform, image_size: int,
                  batch_transform=no_batch_transform):
@@ -237,27 +287,6 @@ class ImageDataset(Dataset):
     @property
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
-
-
-def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool = False,
-               classes: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
-    """One split of a data root, with the train or eval transform; the loop applies the dataset's
-    ``batch_transform`` to each batch on its device.
-
-    With ``cfg.cache`` and a ``cache_dir`` (``RunDir.cache_dir``): a ``catdog.cache.CachedImageDataset``, whose
-    items are uint8 images already resized, read from ``cache_dir/<split>.npy`` (built on first use), and whose
-    ``batch_transform`` augments (for training) and normalises. Otherwise each image is decoded and transformed in
-    the loader (``build_transform``): uint8 and augmented for training, normalised by ``batch_transform``; float32
-    and normalised for evaluation, where ``batch_transform`` does nothing.
-    """
-    classes = classes or find_classes(root)
-    if cfg.cache and cache_dir is not None:
-        from catdog.cache import CachedImageDataset
-
-        build_transform(cfg, train)  # the same check that the config is resolved
-        return CachedImageDataset(root, split, classes, cfg, train, cache_dir)
-    batch_transform = build_batch_transform(cfg, augment=False) if train else no_batch_transform
-    return ImageDataset(root, split, classes, build_transform(cfg, train), cfg.image_size, batch_transform)
 
 
 def run_when_idle(worker_id: int) -> None:

@@ -23,7 +23,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import ConcatDataset, DataLoader
 
 from catdog.config import Config, ExtractConfig, save_config
-from catdog.data import ImageDataset, find_classes, open_split
+from catdog.data import ImageDataset, find_classes
+from catdog.splits import open_split
 from catdog.devices import accelerator_for, autocast, require_shared_folder
 from catdog.errors import CatdogError
 from catdog.io import file_sha256

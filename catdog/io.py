@@ -43,6 +43,13 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps_in(folder: str | os.PathLike) -> None:
+    """Delete every temporary file in ``folder`` whose writer no longer runs (a job killed mid-write left it)."""
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        if is_temp_path(tmp) and not _alive(int(tmp.name.rsplit("-", 1)[1])):
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds. Temporary files

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from catdog.data import IMAGE_SUFFIXES, build_transform, load_rgb
+from catdog.data import (IMAGE_SUFFIXES, build_transform, limit_image_pixels, load_rgb, unreadable_reason,
+                         warn_skipped)
 from catdog.devices import autocast
 from catdog.errors import CatdogError
 from catdog.io import write_json, write_text
@@ -143,23 +143,6 @@ def resolve_precision(option: str, summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-
-def unreadable_reason(path: Path, exc: BaseException) -> str:
-    """A short reason for ``skipped.csv``: what is wrong with the file, not a traceback."""
-    if isinstance(exc, IsADirectoryError) or path.is_dir():
-        return "a folder, not an image file"
-    if isinstance(exc, FileNotFoundError):
-        return "file vanished before it was read"
-    try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-    except OSError:
-        pass
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image (PIL cannot identify it)"
-    message = " ".join(str(exc).split())[:120]
-    return f"cannot decode ({type(exc).__name__}: {message})" if message else f"cannot decode ({type(exc).__name__})"
-
 
 class _Images(Dataset):
     """``(index, tensor, photo, None)`` per image, or ``(index, None, None, reason)`` when it cannot be decoded."""
@@ -289,6 +272,7 @@ def predict(run_path: str | os.PathLike, out: str | os.PathLike, paths: Sequence
     summary, config = run.summary(), run.config()
     classes = summary["classes"]
     precision = resolve_precision(precision, summary)
+    limit_image_pixels(config.data)
     items = list_labelled(labelled, classes) if labelled is not None else list_inputs(paths)
     if not items:
         where = f"--labelled {labelled}" if labelled is not None else "the PATHs given"
@@ -343,6 +327,7 @@ def predict(run_path: str | os.PathLike, out: str | os.PathLike, paths: Sequence
 
     kept = [i for i in range(len(items)) if i not in failed]
     skipped = [(str(items[i].path), failed[i]) for i in sorted(failed)]
+    warn_skipped(labelled if labelled is not None else "predict", skipped)
     is_labelled = labelled is not None
     rows = prediction_rows([items[i] for i in kept], probabilities[kept], predicted[kept], classes, is_labelled,
                            [f"cam/{cam_files[i]}" for i in kept] if cam else None)

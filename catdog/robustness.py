@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 
 from catdog import models
 from catdog.config import Config, save_config
-from catdog.data import IMAGE_SUFFIXES, decode_steps
+from catdog.data import IMAGE_SUFFIXES, decode_steps, limit_image_pixels, warn_skipped
 from catdog.devices import accelerator_for, autocast
 from catdog.errors import CatdogError
 from catdog.io import write_json
@@ -181,6 +181,7 @@ def robustness(config: Config, run_path: str | os.PathLike, data_root: str | os.
     items = labelled_split(data_root, split, classes)
     precision = resolve_precision("run", summary)  # the run's evaluation precision: clean == jobs/predict.py
     data = models.data_config(model_name, config.data)
+    limit_image_pixels(data)
     transform = decode_transform(data)
 
     networks = {"fine_tuned": run.load_model()[0]}
@@ -225,6 +226,7 @@ def robustness(config: Config, run_path: str | os.PathLike, data_root: str | os.
             bar.update(len(indices) + len(bad))
 
     kept = [i for i in range(len(items)) if i not in failed]
+    warn_skipped(Path(data_root) / split, [(items[i].path, failed[i]) for i in sorted(failed)])
     if not kept:
         raise CatdogError(f"--data {data_root} --split {split}: no readable images ({len(failed)} could not be "
                           "decoded)")

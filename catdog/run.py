@@ -6,10 +6,15 @@ This module imports nothing heavy at the top (no torch), so Ray workers and ``la
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 from catdog.config import Config, load_config
 from catdog.errors import CatdogError
@@ -24,6 +29,58 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    @property
+    def lock_path(self) -> Path:
+        """Exists while a job writes the run (``writer``): who holds it."""
+        return self.path / "writer.lock"
+
+    @contextlib.contextmanager
+    def writer(self, job: str) -> Iterator[None]:
+        """Hold the run's one writer lock for the block: a second job that would write the same run is a one-line
+        error naming the process that holds it. The lock is the kernel's (``flock``), so a killed holder's lock is
+        free at once and the next job takes it over; its file is removed when the block ends.
+
+        A run directory that does not exist is not made here (the job then fails on its own inputs), except by
+        ``jobs/train.py``, which creates the run (and removes it again if it ends before writing anything). In a job of several processes the first one (``RANK`` 0) holds it
+        for all."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            yield
+            return
+        created = not self.path.is_dir()
+        if created:
+            if job != "train":
+                yield
+                return
+            self.path.mkdir(parents=True)
+        while True:
+            handle = open(self.lock_path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise CatdogError(f"run {self.path} is being written by {holder}; wait for that job to end (or stop "
+                                  "it), or write another run directory") from None
+            try:  # the file may have been removed (and made anew) by the holder we waited behind: lock the current one
+                if os.stat(self.lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{job} (process {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
+            yield
+        finally:
+            self.lock_path.unlink(missing_ok=True)
+            handle.close()
+            if created and not any(self.path.iterdir()):  # a job that failed before writing leaves nothing behind
+                self.path.rmdir()
 
     # training (jobs/train.py)
     @property

@@ -16,6 +16,7 @@ share, the manifest, and the checks that a shard is the one the manifest lists (
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -114,6 +115,10 @@ def manifest_metadata(attrs: dict) -> dict:
 class ShardWriter:
     """Write one shard row batch by row batch; the file appears under its final name only on ``close()``.
 
+    The shard is built in memory (HDF5 through a ``BytesIO``, ``shard_size`` rows at most) and written to disk in
+    one piece, under a temporary name, by ``close``: a full disk is then a plain ``OSError`` from Python, never a
+    failed write inside HDF5, which leaves HDF5 unable to close the file (it crashed the process at exit).
+
     Use as a context manager: an exception inside the block leaves no shard behind.
     """
 
@@ -121,9 +126,8 @@ class ShardWriter:
                  spatial_shape: tuple[int, int, int] | None, attrs: dict, compression: str | None = "lzf"):
         self.path = Path(path)
         self.rows = rows
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
-        self._file = h5py.File(self._tmp, "w")
+        self._buffer = io.BytesIO()
+        self._file = h5py.File(self._buffer, "w")
         for key, value in attrs.items():
             self._file.attrs[key] = value
         f = self._file
@@ -152,15 +156,17 @@ class ShardWriter:
         self._filled = stop
 
     def close(self) -> None:
+        """Write the shard to a temporary name and rename it into place, or raise with nothing left behind."""
         self._file.close()
         if self._filled != self.rows:
-            self._atomic.__exit__(ValueError, None, None)
             raise ValueError(f"{self.path.name}: only {self._filled} of {self.rows} rows were written")
-        self._atomic.__exit__(None, None, None)
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(self._buffer.getbuffer())
+        self._buffer = io.BytesIO()
 
     def abort(self) -> None:
         self._file.close()
-        self._atomic.__exit__(RuntimeError, None, None)
+        self._buffer = io.BytesIO()
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 from catdog import models, probe
 from catdog.config import SPLITS, Config, OptimConfig, save_config
 from catdog.devices import accelerator_for, require_shared_folder
-from catdog.data import find_classes, loader_options, open_split
+from catdog.data import find_classes, loader_options
+from catdog.splits import open_split
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, write_json, write_text
+from catdog.io import atomic_path, remove_stale_temps_in, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -149,7 +150,7 @@ def _save_atomic(tensors: dict, path: Path) -> None:
 
 
 def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | None, evaluated, optimizer,
-               scheduler, epoch: int, history: list[dict], best: dict, improved: bool) -> None:
+               scheduler, epoch: int, history: list[dict], best: dict, improved: bool, classes: list[str]) -> None:
     """After an epoch, on the main process: the evaluated weights as the best ones (when this epoch improved), the
     resumable state and metrics.jsonl, each replaced atomically."""
     accelerator.wait_for_everyone()
@@ -160,14 +161,49 @@ def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | N
         with atomic_path(run.state_path) as tmp:
             torch.save({"epoch": epoch, "model": weights, "ema": ema.module.state_dict() if ema else None,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                        "best": best}, tmp)
+                        "best": best, "classes": classes}, tmp)
         write_text(run.metrics_path, "".join(json.dumps(record) + "\n" for record in history))
     accelerator.wait_for_everyone()
 
 
-def _resume(run: RunDir, model, ema: ModelEmaV3 | None, optimizer, scheduler) -> tuple[int, list[dict], dict]:
+RESULT_NEUTRAL = {"train.log_with", "train.cpu_threads", "data.eval_batch_size"}
+"""Training settings that leave the trained weights as they are: a resumed run may change them."""
+
+
+def resume_differences(saved: Config, given: Config) -> list[str]:
+    """What in ``given`` would train a resumed run differently from the run's saved config: every changed setting
+    of the sections training reads (model, data, optim, train), but those in ``RESULT_NEUTRAL``; ``optim.epochs`` may
+    grow (the cosine schedule is then stretched over the new length), not shrink."""
+    differences = []
+    for section in ("model", "data", "optim", "train"):
+        before, after = (getattr(c, section).model_dump(mode="json") for c in (saved, given))
+        for key in before:
+            name = f"{section}.{key}"
+            if before[key] == after[key] or name in RESULT_NEUTRAL:
+                continue
+            if name == "optim.epochs" and after[key] > before[key]:
+                continue
+            differences.append(f"{name} {before[key]!r} -> {after[key]!r}")
+    return differences
+
+
+def check_resume(run: RunDir, config: Config) -> None:
+    """Refuse to resume a run with a config or classes other than those it was trained with, naming each
+    difference, before anything is built (another ``model.name`` would otherwise fail on its weights)."""
+    differences = resume_differences(run.config(), config)
+    if differences:
+        raise CatdogError(f"run {run.path} was trained with another config: {'; '.join(differences)}. Resume with "
+                          f"its own config (jobs/train.py --out {run.path} --data DATA --resume, no --config and no "
+                          "overrides but optim.epochs to train longer), or train into a new --out")
+
+
+def _resume(run: RunDir, model, ema: ModelEmaV3 | None, optimizer, scheduler, classes: list[str],
+            ) -> tuple[int, list[dict], dict]:
     """Load ``last.pt`` into the model, its EMA, optimizer and scheduler; returns the next epoch, history and best."""
     state = run.load_state()
+    if state.get("classes", classes) != classes:
+        raise CatdogError(f"run {run.path} was trained on classes {state['classes']}, but the data root has "
+                          f"{classes}; resume with the data root it was trained on, or train into a new --out")
     models.load_weights(model, state["model"], f"run {run.path}: last.pt")
     if ema is not None:
         if state.get("ema") is None:
@@ -223,25 +259,31 @@ def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[st
                   device: torch.device) -> tuple[dict, dict[str, DataLoader]]:
     """The datasets and loaders of the three splits (train augmented and shuffled) and of ``probe``: the train split
     without augmentation, for the linear probe. Each dataset's ``batch_transform`` finishes its batches on the
-    device (data.cache)."""
+    device (data.cache).
+
+    The train loader starts its workers afresh every epoch: they are seeded from the global generator when they
+    start, which ``set_seed(seed + epoch)`` has just reset, so a resumed epoch draws the same augmentations as an
+    uninterrupted one. Persistent workers would carry their generators over from the epochs before, which a
+    resumed run never ran (the cost: forking two workers per epoch)."""
     datasets = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
                                   cache_dir=cache_dir) for split in SPLITS}
     datasets["probe"] = datasets["train"].unaugmented(config.data)
-    kept = loader_options(config.data.num_workers, device)
-    loaders = {"train": DataLoader(datasets["train"], config.data.batch_size, shuffle=True, **kept),
+    kept, fresh = (loader_options(config.data.num_workers, device, persistent=keep) for keep in (True, False))
+    loaders = {"train": DataLoader(datasets["train"], config.data.batch_size, shuffle=True, **fresh),
                "test": DataLoader(datasets["test"], config.data.eval_batch_size, **kept),
                "val": DataLoader(datasets["val"], config.data.eval_batch_size, **kept),
-               "probe": DataLoader(datasets["probe"], config.data.eval_batch_size,
-                                   **loader_options(config.data.num_workers, device, persistent=False))}
+               "probe": DataLoader(datasets["probe"], config.data.eval_batch_size, **fresh)}
     return datasets, loaders
 
 
-def summarize(config: Config, classes: list[str], accelerator: Accelerator, precision: str, history: list[dict],
-              best: dict, val: dict, baseline: dict | None) -> dict:
-    """summary.json: the best epoch, its test and val accuracies beside the linear probe's, and the training speed."""
+def summarize(config: Config, data_root: str | os.PathLike, classes: list[str], accelerator: Accelerator,
+              precision: str, history: list[dict], best: dict, val: dict, baseline: dict | None) -> dict:
+    """summary.json: the best epoch, its test and val accuracies beside the linear probe's, and the training speed;
+    ``data``, the data root's absolute path, tells which runs can be compared."""
     train_seconds = sum(r["train_seconds"] for r in history)
     return {
         "model": config.model.name,
+        "data": str(Path(data_root).resolve()),
         "classes": classes,
         "best_epoch": best["epoch"],
         "best_test_accuracy": best["test_accuracy"],
@@ -263,7 +305,8 @@ def summarize(config: Config, classes: list[str], accelerator: Accelerator, prec
 
 
 def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> dict:
-    """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``. Returns the summary."""
+    """Fine-tune ``config.model`` on ``data_root`` and write the run directory ``out``, holding its writer lock once
+    the inputs are checked. Returns the summary."""
     config = config.model_copy(update={"data": models.data_config(config.model.name, config.data)})
     run = RunDir(out)
     if run.state_path.exists() and not resume:
@@ -271,6 +314,16 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
                           f"jobs/train.py --out {run.path} --data DATA_ROOT --resume, or choose another --out")
     if config.optim.head_init == "linear_probe" and not config.train.linear_probe:
         raise CatdogError("optim.head_init=linear_probe needs the linear probe: set train.linear_probe=true")
+    classes = find_classes(data_root)
+    if resume and run.state_path.exists():
+        check_resume(run, config)
+    with run.writer("train"):
+        return fine_tune(config, data_root, run, classes, resume)
+
+
+def fine_tune(config: Config, data_root: str | os.PathLike, run: RunDir, classes: list[str], resume: bool) -> dict:
+    """The loop itself, on a checked config (``train``)."""
+    remove_stale_temps_in(run.path)  # what a killed run was writing when it died
     accelerator, precision = accelerator_for(config.train.mixed_precision, config.train.cpu, config.train.cpu_threads,
                                              config.train.log_with, run.trackers_dir)
     require_shared_folder(accelerator, run.path, "--out")
@@ -278,7 +331,6 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
 
     # data, model, optimizer, schedule (built on the unsharded loader's length: Accelerate steps a prepared scheduler
     # once per process)
-    classes = find_classes(data_root)
     datasets, loaders = build_loaders(config, data_root, classes, run.cache_dir if config.data.cache else None,
                                       accelerator.device)
     transforms = {name: dataset.batch_transform for name, dataset in datasets.items()}
@@ -309,7 +361,7 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
     ema = build_ema(config, network)
     start_epoch, history, best = 1, [], {"epoch": 0, "test_accuracy": -1.0}
     if resume and run.state_path.exists():
-        start_epoch, history, best = _resume(run, network, ema, optimizer, scheduler)
+        start_epoch, history, best = _resume(run, network, ema, optimizer, scheduler, classes)
         accelerator.print(f"resuming {run.path} after epoch {start_epoch - 1} "
                           f"(best so far: epoch {best['epoch']}, test {best['test_accuracy']:.2%})")
     # what is evaluated and kept: the trained weights, or their EMA, mixed with the start by WiSE-FT
@@ -343,14 +395,15 @@ def train(config: Config, data_root: str | os.PathLike, out: str | os.PathLike, 
         improved = record["test_accuracy"] > best["test_accuracy"]
         if improved:
             best = {"epoch": epoch, "test_accuracy": record["test_accuracy"]}
-        save_state(run, accelerator, model, ema, evaluated, optimizer, scheduler, epoch, history, best, improved)
+        save_state(run, accelerator, model, ema, evaluated, optimizer, scheduler, epoch, history, best, improved,
+                   classes)
 
     # at the end: the best weights on val
     if not run.best_checkpoint.exists():
         raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
     accelerator.unwrap_model(evaluated).load_state_dict(run.load_weights())
     val = evaluate(evaluated, loaders["val"], accelerator, "val", channels_last, transforms["val"], tta)
-    summary = summarize(config, classes, accelerator, precision, history, best, val, baseline)
+    summary = summarize(config, data_root, classes, accelerator, precision, history, best, val, baseline)
     accelerator.log({"val/accuracy": summary["val_accuracy"]},
                     step=config.optim.epochs * -(-steps_per_epoch // accelerator.num_processes))
     accelerator.print(f"best epoch {best['epoch']}: test {best['test_accuracy']:.2%}, val {summary['val_accuracy']:.2%} "

@@ -7,6 +7,8 @@ Writes RUN_DIR/concepts/{index.json,config.yaml,<class>-c<n>.png,<class>-samples
 is a Ray task when several are pending (--no-ray: one after another in this process); a rerun reuses the
 classes already done.
 """
+import contextlib
+
 from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.concepts import run_concepts
 from catdog.errors import CatdogError
@@ -24,9 +26,12 @@ def main() -> None:
     if misplaced:
         raise CatdogError(f"--run {misplaced[0]}: looks like an override; put overrides before --run")
     runs = [RunDir(writable_dir(path, "--run")) for path in args.run]
-    indexes = run_concepts([run.path for run in runs], args.data,
-                           config_from(args, fallback=str(runs[0].config_path)), address=args.address,
-                           use_ray=not args.no_ray)
+    config = config_from(args, fallback=str(runs[0].config_path))
+    with contextlib.ExitStack() as held:
+        for run in runs:
+            held.enter_context(run.writer("concepts"))
+        indexes = run_concepts([run.path for run in runs], args.data, config, address=args.address,
+                               use_ray=not args.no_ray)
     for run in runs:
         index = indexes[str(run.path)]
         for class_name, entry in index["classes"].items():

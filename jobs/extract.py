@@ -24,8 +24,10 @@ def main() -> None:
     p.add_argument("--verify", action="store_true",
                    help="check the full sha256 of the shards already there (reads them all), not only size and header")
     args = p.parse_args()
-    extract(config_from(args, fallback=str(RunDir(args.run).config_path)), args.run, args.data,
-            overwrite=args.overwrite, verify=args.verify)
+    run = RunDir(args.run)
+    config = config_from(args, fallback=str(run.config_path))
+    with run.writer("extract"):
+        extract(config, run.path, args.data, overwrite=args.overwrite, verify=args.verify)
 
 
 if __name__ == "__main__":

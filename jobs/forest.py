@@ -18,7 +18,9 @@ def main() -> None:
     p.add_argument("--verify", action="store_true", help="check each shard's sha256, not only its size and header")
     args = p.parse_args()
     run = RunDir(writable_dir(args.run, "--run"))
-    run_forest(config_from(args, fallback=str(run.config_path)), run.path, verify=args.verify)
+    config = config_from(args, fallback=str(run.config_path))
+    with run.writer("forest"):
+        run_forest(config, run.path, verify=args.verify)
 
 
 if __name__ == "__main__":

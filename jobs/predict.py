@@ -18,7 +18,6 @@ precision the run evaluated with (summary.json "mixed_precision", e.g. bf16 on a
 --cam writes OUT/cam/<folder>__<subfolders>__<file>.png: the photo and the Grad-CAM of the predicted class at the
 model's CAM layer, titled with the prediction and its probability (red when a labelled image is wrong).
 """
-import sys
 
 from catdog.cli import parser, run_job, writable_dir
 from catdog.predict import PRECISIONS, confusion_table, predict
@@ -44,8 +43,6 @@ def main() -> None:
     result = predict(args.run, args.out, args.paths, labelled=args.labelled, precision=args.precision, cam=args.cam,
                      device=args.device, batch_size=args.batch_size, workers=args.workers)
 
-    for path, reason in result["skipped"]:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{result['images']} image(s) predicted on {result['device']} (autocast {result['precision']}) -> "
           f"{result['predictions']}" + (f"; {len(result['skipped'])} skipped -> {result['skipped_csv']}"
                                         if result["skipped"] else ""))

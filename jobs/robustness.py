@@ -28,7 +28,9 @@ def main() -> None:
     if not run.path.is_dir():
         raise CatdogError(f"--run {run.path}: no such directory (give a run directory written by jobs/train.py)")
     writable_dir(run.robustness_dir, "--run")
-    summary = robustness(config_from(args, fallback=str(run.config_path)), run.path, args.data, args.split)
+    config = config_from(args, fallback=str(run.config_path))
+    with run.writer("robustness"):
+        summary = robustness(config, run.path, args.data, args.split)
     print(f"{summary['model']} on {summary['data']}/{summary['split']}: {summary['images']} image(s)"
           + (f", {len(summary['skipped'])} skipped (undecodable)" if summary["skipped"] else "")
           + f"; {summary['device']}, autocast {summary['precision']}")

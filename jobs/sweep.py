@@ -24,8 +24,9 @@ def main() -> None:
     p.add_argument("--verify", action="store_true", help="check each shard's sha256, not only its size and header")
     args = p.parse_args()
     run = RunDir(writable_dir(args.run, "--run"))
-    rows = run_sweep(run.path, config_from(args, fallback=str(run.config_path)), address=args.address,
-                     verify=args.verify)
+    config = config_from(args, fallback=str(run.config_path))
+    with run.writer("sweep"):
+        rows = run_sweep(run.path, config, address=args.address, verify=args.verify)
     print(format_table(rows))
     print(f"wrote {run.sweep_results} and {run.sweep_plot}")
 

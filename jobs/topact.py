@@ -19,8 +19,9 @@ def main() -> None:
     p.add_argument("--verify", action="store_true", help="check each shard's sha256, not only its size and header")
     args = p.parse_args()
     run = RunDir(writable_dir(args.run, "--run"))
-    index = run_topact(run.path, args.data, config_from(args, fallback=str(run.config_path)), address=args.address,
-                       verify=args.verify)
+    config = config_from(args, fallback=str(run.config_path))
+    with run.writer("topact"):
+        index = run_topact(run.path, args.data, config, address=args.address, verify=args.verify)
     for class_name, entries in index["classes"].items():
         for entry in entries:
             shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in entry["class_shares"].items())

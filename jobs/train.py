@@ -1,6 +1,7 @@
 """Fine-tune an ImageNet CNN on an ImageFolder data root.
 
     accelerate launch jobs/train.py --config configs/efficientnet_lite0.yaml --data DATA_ROOT --out RUN_DIR
+    python jobs/train.py --model efficientnet_lite2 --data DATA_ROOT --out RUN_DIR     # a model's own recipe
     accelerate launch jobs/train.py --out RUN_DIR --data DATA_ROOT --resume       # continue a killed run
     accelerate launch --multi_gpu --num_processes 2 jobs/train.py ...             # 2 processes (GPUs, or the CPU)
 """
@@ -10,7 +11,7 @@ from catdog.train import train
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, recipes=True)
     p.add_argument("--data", required=True, help="data root with train/, test/, val/ class folders")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from the run's last completed epoch")
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(main, interrupted="the last completed epoch is kept: continue with the same command plus --resume")

@@ -17,7 +17,8 @@ from torchvision.transforms.v2 import functional as F
 from catdog import cache
 from catdog.cache import CachedImageDataset
 from catdog.config import DataConfig
-from catdog.data import BatchTransform, ImageDataset, build_batch_transform, open_split
+from catdog.data import BatchTransform, ImageDataset, build_batch_transform
+from catdog.splits import open_split
 from catdog.io import is_temp_path
 from conftest import REPO, make_image_folder
 
@@ -123,7 +124,7 @@ KILLED_BUILD = """
 import sys, time
 from catdog import cache
 from catdog.config import DataConfig
-from catdog.data import open_split
+from catdog.splits import open_split
 
 original = cache.load_rgb
 def slow(*args):

@@ -9,7 +9,8 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import build_transform, decode_steps, find_classes, loader_options, open_split
+from catdog.data import build_transform, decode_steps, find_classes, loader_options
+from catdog.splits import open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
 

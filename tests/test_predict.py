@@ -57,7 +57,7 @@ def test_predictions_csv(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_unreadable_files_are_skipped_and_listed(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys):
+def test_unreadable_files_are_skipped_and_listed(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys, caplog):
     photos = photo_folder(synthetic_root, tmp_path)
     (photos / "a" / "empty.jpg").write_bytes(b"")
     (photos / "a" / "fake.jpg").write_text("a text file with an image suffix\n")
@@ -76,8 +76,9 @@ def test_unreadable_files_are_skipped_and_listed(tiny_run, synthetic_root, tmp_p
     assert reasons["fake.jpg"].startswith("not an image")
     assert reasons["notes.txt"].startswith("not an image")
     assert reasons["truncated.jpg"].startswith("cannot decode")
-    for row in skipped:
-        assert f"skipped {row['path']}: {row['reason']}" in err.splitlines()
+    warning = [r.getMessage() for r in caplog.records if "PIL cannot use" in r.getMessage()]  # catdog.data.warn_skipped
+    assert len(warning) == 1 and "skipped 4 image file(s)" in warning[0]
+    assert all(f"{row['path']} ({row['reason']})" in warning[0] for row in skipped[:3])
     _, rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert [Path(row["path"]).relative_to(photos).as_posix() for row in rows] == [
         "a/cat.0.jpg", "a/dog.1.jpg", "b/cat.0.jpg", "b/deep/dog.2.jpg"]
@@ -122,7 +123,7 @@ def test_probabilities_equal_accelerate_evaluation(tiny_run, synthetic_root, tmp
     from accelerate.state import AcceleratorState
     from torch.utils.data import DataLoader
 
-    from catdog.data import open_split
+    from catdog.splits import open_split
     from catdog.run import RunDir
 
     code, _, err = run_predict(["--run", tiny_run, "--out", tmp_path / "out", "--labelled", synthetic_root / "val"],
