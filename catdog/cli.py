@@ -80,12 +80,11 @@ def disk_full(exc: BaseException) -> bool:
                for e in _chain(exc))
 
 
-def run_job(main: Callable[[], object], interrupted: str = "run the same command again: finished work is kept") -> None:
+def run_job(main: Callable[[], object], go_on: str = "run the same command again: finished work is kept") -> None:
     """Run a job's ``main``; what a user causes or meets ends in one line on stderr, without a traceback:
-    a ``CatdogError`` (printed by the first process of a job of several) or a full disk, ``error: ...`` and exit
-    code 2; Ctrl-C, exit code 130 and ``interrupted``, the
-    way to go on. Every artefact is written under a temporary name and renamed, so neither leaves a partial file
-    under a final name."""
+    a ``CatdogError`` (printed by the first process of a job of several), ``error: ...`` and exit code 2; a full
+    disk, exit code 2, and Ctrl-C, exit code 130, each with ``go_on``, how to continue. Every artefact is written
+    under a temporary name and renamed, so neither leaves a partial file under a final name."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
@@ -94,14 +93,13 @@ def run_job(main: Callable[[], object], interrupted: str = "run the same command
             print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\nerror: interrupted (Ctrl-C); {interrupted}", file=sys.stderr)
+        print(f"\nerror: interrupted (Ctrl-C); {go_on}", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         if not disk_full(exc):
             raise
         where = next((Path(e.filename).parent for e in _chain(exc) if getattr(e, "filename", None)), None)
-        print(f"error: no space left on the device{f' writing in {where}' if where else ''}; free some space "
-              f"(df -h) and run the same command again: finished work is kept, the partial file was removed",
-              file=sys.stderr)
+        print(f"error: no space left on the device{f' writing in {where}' if where else ''} (the partial file was "
+              f"removed); free some space (df -h), then {go_on}", file=sys.stderr)
         sys.exit(2)
 

@@ -66,6 +66,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """``data`` to ``path`` atomically, written by Python: a full disk is an ``OSError(ENOSPC)`` that names itself.
+    Writers in C++ or Rust (``torch.save``, safetensors' ``save_file``) serialise to bytes first and come here, since
+    theirs report a full disk as a failed assertion."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

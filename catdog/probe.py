@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from sklearn.linear_model import LogisticRegression
 
 from catdog import models
 from catdog.errors import CatdogError
-from catdog.io import atomic_path
+from catdog.io import write_bytes
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -61,8 +61,8 @@ def fit(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray
 
 
 def save(run: RunDir, state: dict[str, torch.Tensor], scores: dict) -> None:
-    with atomic_path(run.linear_probe_path) as tmp:
-        save_file(state, tmp, metadata={key: str(value) for key, value in scores.items()})
+    metadata = {key: str(value) for key, value in scores.items()}
+    write_bytes(run.linear_probe_path, safetensors_bytes(state, metadata=metadata))
 
 
 def load(run: RunDir) -> tuple[dict[str, torch.Tensor], dict]:

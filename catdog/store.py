@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, file_sha256, is_temp_path, read_json, write_json
+from catdog.io import file_sha256, is_temp_path, read_json, write_bytes, write_json
 
 MANIFEST = "manifest.json"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -160,8 +160,7 @@ class ShardWriter:
         self._file.close()
         if self._filled != self.rows:
             raise ValueError(f"{self.path.name}: only {self._filled} of {self.rows} rows were written")
-        with atomic_path(self.path) as tmp:
-            tmp.write_bytes(self._buffer.getbuffer())
+        write_bytes(self.path, self._buffer.getbuffer())
         self._buffer = io.BytesIO()
 
     def abort(self) -> None:

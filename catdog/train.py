@@ -9,6 +9,7 @@ resumed run draws the same shuffles and augmentations as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
@@ -28,7 +29,7 @@ from catdog.devices import accelerator_for, require_shared_folder
 from catdog.data import find_classes, loader_options
 from catdog.splits import open_split
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, remove_stale_temps_in, write_json, write_text
+from catdog.io import remove_stale_temps_in, write_bytes, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -145,8 +146,7 @@ def wise_ft(initial: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor
 
 
 def _save_atomic(tensors: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    write_bytes(path, safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | None, evaluated, optimizer,
@@ -158,10 +158,11 @@ def save_state(run: RunDir, accelerator: Accelerator, model, ema: ModelEmaV3 | N
         weights = accelerator.unwrap_model(model).state_dict()
         if improved:
             _save_atomic(accelerator.unwrap_model(evaluated).state_dict(), run.best_checkpoint)
-        with atomic_path(run.state_path) as tmp:
-            torch.save({"epoch": epoch, "model": weights, "ema": ema.module.state_dict() if ema else None,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                        "best": best, "classes": classes}, tmp)
+        state = io.BytesIO()
+        torch.save({"epoch": epoch, "model": weights, "ema": ema.module.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                    "best": best, "classes": classes}, state)
+        write_bytes(run.state_path, state.getbuffer())
         write_text(run.metrics_path, "".join(json.dumps(record) + "\n" for record in history))
     accelerator.wait_for_everyone()
 

@@ -22,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_job(main, interrupted="the last completed epoch is kept: continue with the same command plus --resume")
+    run_job(main, go_on="continue with the same command plus --resume: the last completed epoch is kept")
