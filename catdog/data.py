@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,11 @@ def unreadable_reason(path: Path, exc: BaseException) -> str:
         pass
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (PIL cannot identify it)"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"too large ({exc}); raise data.max_image_pixels to use it"
+    if isinstance(exc, Image.DecompressionBombError):  # ours says "W x H pixels, ...", PIL's "Image size (N pixels)"
+        size = re.search(r"\d+ x \d+ pixels|\((\d+) pixels\)", str(exc))
+        pixels = size and (size[0] if size[1] is None else f"{int(size[1]):,} pixels")
+        return (f"too large{f' ({pixels})' if pixels else ''}: over data.max_image_pixels "
+                f"({Image.MAX_IMAGE_PIXELS:,}); raise it to use this image")
     message = " ".join(str(exc).split())[:120]
     return f"cannot decode ({type(exc).__name__}: {message})" if message else f"cannot decode ({type(exc).__name__})"
 
