@@ -19,7 +19,9 @@ recomputed for the same target classes and compared with the trained model's by 
 image. A method is flagged when its maps barely change (``sanity_flags``).
 
 Each (run, method) result is kept in ``OUT/gradcam/parts/`` with what it was computed from, so a rerun after
-a kill, or with a method added, only computes what is missing.
+a kill, or with a method added, only computes what is missing. Beside it, the CAMs of the faithfulness sample, all
+resized to ``MAP_SIZE``, so that ``jobs/compare.py`` can compare two models' maps pixel by pixel; ``summary.json``
+names that file per model and method (part names carry the run's place in ``--runs``).
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ RANDOM_BASELINE = "uniform noise at the CAM layer's resolution, upsampled like a
 ROAD_IMPUTATION = "grad-cam's NoisyLinearImputer (each removed pixel from its neighbours, plus noise 0.01)"
 DISPLAY_SIZE = 224
 """Side of each square grid cell, in pixels (photos are squashed to a square like the eval transform)."""
+MAP_SIZE = 64
+"""Side of the saved faithfulness-sample CAMs (float16): one size for every model, whatever its input size."""
 
 
 def stage_dir(out: str | os.PathLike) -> Path:
@@ -79,9 +83,9 @@ def stage_dir(out: str | os.PathLike) -> Path:
 
 def completed_summary(out: str | os.PathLike, run_paths: list[str | os.PathLike]) -> Path | None:
     """``OUT/gradcam/summary.json`` when it exists and covers exactly these runs, else None (also for a summary
-    written before ROAD and the sanity check existed)."""
+    written before ROAD, the sanity check or the saved faithfulness maps existed)."""
     path = stage_dir(out) / "summary.json"
-    if not path.is_file() or "sanity_threshold" not in read_json(path):
+    if not path.is_file() or "faithfulness_map_size" not in read_json(path):
         return None
     covered = sorted(Path(model["run"]).resolve() for model in read_json(path)["models"])
     return path if covered == sorted(Path(run).resolve() for run in run_paths) else None
@@ -358,12 +362,13 @@ def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int],
 
 
 def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
-                  data: DataConfig, bar: tqdm) -> dict:
-    """Target-class probabilities before and after removing the salient or a random share; their drops."""
+                  data: DataConfig, bar: tqdm) -> tuple[dict, np.ndarray]:
+    """Target-class probabilities before and after removing the salient or a random share; their drops. Also the
+    sample's CAMs at ``MAP_SIZE`` (N, MAP_SIZE, MAP_SIZE) float16."""
     device, size = next(network.parameters()).device, data.image_size
     grid = layer_grid(network, size)
     rng = np.random.default_rng([cfg.seed, 1])
-    before, after_salient, after_random, predictions, morf, lerf, change = [], [], [], [], [], [], []
+    before, after_salient, after_random, predictions, morf, lerf, change, sample_maps = [], [], [], [], [], [], [], []
     seconds = dict.fromkeys(("cams", "salient_vs_random", "road", "confidence_change"), 0.0)
     for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data)):
         images, labels = images.to(device), labels.to(device)
@@ -371,6 +376,7 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
         probs = probabilities(network, images)
         targets = labels if cfg.target == "true" else probs.argmax(dim=1)
         cams = class_activation_maps(network, method, images, targets)
+        sample_maps.append(upsample(cams, MAP_SIZE).astype(np.float16))
         seconds["cams"] += time.perf_counter() - start
         start = time.perf_counter()
         salient = top_fraction_mask(cams, cfg.removal_fraction, rng)
@@ -395,7 +401,7 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
     return {**score, "road": road_summary(np.concatenate(morf, axis=1), np.concatenate(lerf, axis=1),
                                           cfg.road_percentiles),
             "confidence_change": float(np.concatenate(change).mean()), "cam_grid": list(grid),
-            "predictions": predictions, "seconds": seconds}
+            "predictions": predictions, "seconds": seconds}, np.concatenate(sample_maps)
 
 
 def _sanity(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
@@ -409,8 +415,10 @@ def _sanity(network: Network, method: str, dataset: ImageDataset, rows: list[int
 
 
 def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: list[int], faith_rows: list[int],
-             sanity_rows: list[int], cfg: GradcamConfig, data: DataConfig, desc: str) -> tuple[dict, np.ndarray]:
-    """One model and method: the grid's maps and predictions, the faithfulness scores and the sanity check."""
+             sanity_rows: list[int], cfg: GradcamConfig, data: DataConfig,
+             desc: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One model and method: the grid's maps and predictions, the faithfulness scores and the sanity check; returns
+    the scores, the grid's maps and the faithfulness sample's maps."""
     steps = 1 + len(cascade_units(network, data.image_size))
     cpu = time.process_time()
     with progress_bar(total=len(grid_rows) + len(faith_rows) + steps * len(sanity_rows), desc=desc,
@@ -418,20 +426,22 @@ def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: li
         start = time.perf_counter()
         maps, grid_predictions = _grid(network, method, dataset, grid_rows, cfg, data, bar)
         grid_seconds = time.perf_counter() - start
-        result = _faithfulness(network, method, dataset, faith_rows, cfg, data, bar)
+        result, faith_maps = _faithfulness(network, method, dataset, faith_rows, cfg, data, bar)
         start = time.perf_counter()
         sanity = _sanity(network, method, dataset, sanity_rows, cfg, data, bar)
         result["seconds"].update(grid=grid_seconds, sanity=time.perf_counter() - start)
     result["seconds"]["total"] = sum(result["seconds"].values())
     result["cpu_seconds"] = time.process_time() - cpu  # every thread of this process; steadier than wall time
-    return {**result, "grid_predictions": grid_predictions, "sanity": sanity}, maps
+    return {**result, "grid_predictions": grid_predictions, "sanity": sanity}, maps, faith_maps
 
 
 def _identity(run: RunDir, method: str, data_root: Path, cfg: GradcamConfig, data: DataConfig) -> dict:
-    """What a part's numbers depend on: a stored part is reused only when all of it matches."""
+    """What a part's numbers depend on: a stored part is reused only when all of it matches (a part written before
+    the faithfulness maps were saved lacks ``faithfulness_map_size``, so it is computed again)."""
     settings = cfg.model_dump(mode="json", exclude={"methods", "batch_size"})
     return {"run": str(run.path.resolve()), "checkpoint_sha256": file_sha256(run.best_checkpoint), "method": method,
-            "data": str(data_root.resolve()), "gradcam": settings, "transform": data.model_dump(mode="json")}
+            "data": str(data_root.resolve()), "gradcam": settings, "transform": data.model_dump(mode="json"),
+            "faithfulness_map_size": MAP_SIZE}
 
 
 def _run_classes(run: RunDir, classes: list[str], data_root: Path) -> None:
@@ -470,7 +480,8 @@ def draw_grid(photos: list[np.ndarray], row_titles: list[str], columns: list[dic
         figure.savefig(tmp, format="png", dpi=100)
 
 
-def _photo(path: Path) -> np.ndarray:
+def display_photo(path: Path) -> np.ndarray:
+    """The photo squashed to a ``DISPLAY_SIZE`` square, as floats in [0, 1] (what ``draw_grid`` draws on)."""
     image = load_rgb(path).resize((DISPLAY_SIZE, DISPLAY_SIZE))
     return np.asarray(image, dtype=np.float32) / 255
 
@@ -503,30 +514,35 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
             part = stage / "parts" / f"{number:02d}-{run.path.name}-{method}"
             identity = _identity(run, method, data_root, cfg, data)
             json_path, maps_path = part.with_suffix(".json"), part.with_suffix(".npy")
-            if json_path.is_file() and maps_path.is_file() and read_json(json_path)["identity"] == identity:
+            faith_path = part.with_name(f"{part.name}-faithfulness.npy")
+            if (json_path.is_file() and maps_path.is_file() and faith_path.is_file()
+                    and read_json(json_path)["identity"] == identity):
                 result, maps = read_json(json_path), np.load(maps_path)
                 log.info("%s %s: reusing %s", run.path, method, json_path)
             else:
                 if network is None:
                     network = run.load_model()[0].to(device)
-                result, maps = _explain(network, method, dataset, grid_rows, faith_rows, sanity_rows, cfg, data,
-                                        desc=f"{run.path.name} {method}")
-                with atomic_path(maps_path) as tmp:
-                    with open(tmp, "wb") as handle:
-                        np.save(handle, maps.astype(np.float16))
+                result, maps, faith_maps = _explain(network, method, dataset, grid_rows, faith_rows, sanity_rows, cfg,
+                                                    data, desc=f"{run.path.name} {method}")
+                for path, array in ((maps_path, maps.astype(np.float16)), (faith_path, faith_maps)):
+                    with atomic_path(path) as tmp:
+                        with open(tmp, "wb") as handle:
+                            np.save(handle, array)
                 result = {"identity": identity, **result}
-                write_json(json_path, result)
+                write_json(json_path, result)  # last: the part is complete
             entry.update(grid_predictions=result["grid_predictions"], predictions=result["predictions"])
             entry["methods"][method] = {key: result[key] for key in
                                         ("salient_drop", "random_drop", "salient_wins", "mean_confidence", "n_images",
                                          "road", "confidence_change", "seconds", "cpu_seconds", "sanity")}
             entry["methods"][method]["sanity_flags"] = sanity_flags(result["sanity"], cfg.sanity_threshold)
+            entry["methods"][method]["faithfulness_maps"] = faith_path.relative_to(stage).as_posix()
+            entry["checkpoint_sha256"] = identity["checkpoint_sha256"]
             entry["sanity_layers"] = [step["layer"] for step in result["sanity"]]
             columns.append({"title": f"{model_name} ({run.path.name})\n{method}", "maps": maps,
                             "predictions": result["grid_predictions"]})
         models.append(entry)
 
-    photos = [_photo(reference.samples[i].path) for i in grid_rows]
+    photos = [display_photo(reference.samples[i].path) for i in grid_rows]
     titles = [f"{classes[reference.samples[i].label]}: {reference.samples[i].path.name}" for i in grid_rows]
     draw_grid(photos, titles, columns, stage / "grid.png")
     draw_sanity(models, cfg.sanity_threshold, stage / "sanity.png")
@@ -544,6 +560,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         "sanity_images": [reference.relative_path(i) for i in sanity_rows],
         "grid_images": [reference.relative_path(i) for i in grid_rows],
         "faithfulness_images": [reference.relative_path(i) for i in faith_rows],
+        "faithfulness_map_size": MAP_SIZE,
         "models": models,
     }
     save_config(config, stage / "config.yaml")

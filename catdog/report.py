@@ -1,5 +1,9 @@
 """The report: one self-contained HTML page (images as data URIs, inline CSS) and ``summary.json`` for all runs.
 
+Given a comparison of the runs (``jobs/compare.py``), the page leads with it: accuracy and cost side by side, the
+Grad-CAM grid with a column per model, the maps' style and agreement, where the predictions differ (McNemar) and
+how alike the features are (CKA, a logistic regression on both).
+
 Per run: training curves and accuracies next to the seed's, training time and speed, an architecture summary,
 the linear probe's accuracies beside the fine-tuned ones, robustness to corruptions (fine-tuned against the linear
 probe), the forest's accuracies, the top-k sweep, each class's top features with their montages, and each class's
@@ -7,6 +11,10 @@ concepts (importance against a random baseline, montages, maps beside the CAMs);
 the faithfulness table (today's salient-vs-random score, grad-cam's ROAD and confidence change) and the sanity
 check (cascading randomisation) with its plot and flags. A stage that has not run yet is shown as missing, with
 its command.
+
+The page stays small enough to open at once: every image is embedded at the size it is shown (``PAGE_WIDTH``, or
+``THUMBNAIL_WIDTH`` in a gallery of montages), photos as JPEG and line plots as PNG; a figure shown smaller than its
+file links to that file. Every number in a table cell goes through ``_text``.
 """
 from __future__ import annotations
 
@@ -14,12 +22,16 @@ import base64
 import csv
 import html
 import io
+import json
+import math
 import os
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from catdog import models
 from catdog.errors import CatdogError
@@ -28,6 +40,13 @@ from catdog.run import RunDir
 
 SEED_VAL_ACCURACY = {"resnet101.tv2_in1k": 0.9825, "convnext_tiny": 0.9880}
 """The seed notebook's val accuracies, for comparison."""
+
+PAGE_WIDTH = 1160
+"""Widest image, in CSS pixels: the page's 1200 px column less the images' borders; wider figures are scaled to it."""
+THUMBNAIL_WIDTH = 560
+"""Montages are shown two across at this width (readable as pictures; the full-size file is one click away)."""
+JPEG_QUALITY = 85
+"""Photos and heat maps: about a sixth of their PNG's bytes at the same size, with no visible loss."""
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -38,15 +57,17 @@ table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
 th, td { border: 1px solid #d6d6d6; padding: .3rem .6rem; text-align: left; }
 th { background: #eef2f7; }
 tr:nth-child(even) td { background: #fafafa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; border: 1px solid #e2e2e2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+img { max-width: 100%; height: auto; border: 1px solid #e2e2e2; }
 figure { margin: 1rem 0; }
+.gallery { display: flex; flex-wrap: wrap; gap: 1rem; }
+.gallery figure { margin: 0; width: THUMBNAIL_FIGURE; max-width: 100%; }
 figcaption { font-size: .85rem; color: #555; }
 .flag { color: #8a1c1c; background: #fdecec; border-left: 4px solid #d04040; padding: .4rem .8rem; }
 tr.below td { background: #fdecec; color: #8a1c1c; }
 .missing { color: #a15c00; background: #fff6e5; border-left: 4px solid #f0a020; padding: .4rem .8rem; }
 code { background: #f3f3f3; padding: 0 .25rem; }
-"""
+""".replace("THUMBNAIL_FIGURE", f"{THUMBNAIL_WIDTH + 2}px")
 
 
 def _missing(command: str) -> dict:
@@ -169,6 +190,21 @@ def collect_gradcam(folder: str | os.PathLike | None, runs: list[RunDir]) -> dic
             "sanity": str(sanity) if sanity.is_file() else None}
 
 
+def collect_comparison(folder: str | os.PathLike | None, runs: list[RunDir]) -> dict | None:
+    """``jobs/compare.py``'s ``OUT/compare`` summary; None (no section) for one run and no folder. ``uncompared``:
+    the report's runs the comparison does not cover (it is older than them)."""
+    if folder is None and len(runs) < 2:
+        return None
+    command = (f"python jobs/compare.py --runs {' '.join(str(run.path) for run in runs)} --data DATA_ROOT "
+               "--out OUT_DIR, then pass --compare OUT_DIR/compare")
+    if folder is None or not (Path(folder) / "summary.json").is_file():
+        return _missing(command)
+    summary = read_json(Path(folder) / "summary.json")
+    compared = {Path(run["run"]).resolve() for run in summary["runs"]}
+    return {"folder": str(folder), "summary": summary,
+            "uncompared": [str(run.path) for run in runs if run.path.resolve() not in compared]}
+
+
 def curves_png(epochs: list[dict], title: str) -> bytes:
     """Train loss and test accuracy per epoch, side by side."""
     figure = Figure(figsize=(9, 3.2), layout="constrained")
@@ -191,22 +227,56 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _percent(value) -> str:
-    return "—" if value is None else f"{100 * float(value):.2f}%"
+def _percent(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{100 * float(value):.{digits}f}%"
 
 
 def _number(value) -> str:
+    """A number at display precision: integers with thousands separators, other floats with at most 3 decimals
+    (2 from 1 up, none from 1000 up; tiny ones in scientific notation)."""
     if value is None:
         return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer() or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.1e}"
+
+
+def _text(value) -> str:
+    """A table cell's text. Every value reaching a cell passes here, so no raw float is ever printed in full:
+    numbers by ``_number``, mappings as ``key value`` pairs, text unchanged (callers format what needs units)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_text(item)}" for key, item in value.items()) or "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(item) for item in value)
+    return _number(value)
+
+
+def _parsed(text: str):
+    """A CSV cell as the number or JSON object it spells (so that ``_text`` formats it), else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _cell(value, numeric: bool = False) -> str:
-    return f'<td class="num">{_e(value)}</td>' if numeric else f"<td>{_e(value)}</td>"
+    text = _e(_text(value))
+    return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
 
 
 def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(),
@@ -218,14 +288,47 @@ def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _image(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+def _img(image: Image.Image, alt: str, width: int, photo: bool) -> str:
+    """``image`` scaled down to at most ``width`` px, embedded, and shown at its natural size (its width and height
+    attributes): photos and heat maps as JPEG, plots of lines and text as PNG (sharper, and small anyway)."""
+    if image.width > width:
+        image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
+    buffer = io.BytesIO()
+    if photo:
+        image.convert("RGB").save(buffer, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+    else:
+        image.convert("RGB").save(buffer, "PNG", optimize=True)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<img alt="{_e(alt)}" width="{image.width}" height="{image.height}" '
+            f'src="data:image/{"jpeg" if photo else "png"};base64,{data}">')
 
 
-def _image_file(path: str | None, alt: str) -> str:
+def _plot(png: bytes, alt: str) -> str:
+    """A plot drawn here (PNG bytes), embedded by ``_img``."""
+    with Image.open(io.BytesIO(png)) as image:
+        return _img(image, alt, PAGE_WIDTH, photo=False)
+
+
+def _image_file(path: str | os.PathLike | None, alt: str, base: Path | None = None, width: int = PAGE_WIDTH,
+                photo: bool = True) -> str:
+    """A stage's figure, embedded by ``_img``. One shown smaller than its file links to the file, by its path from
+    the report folder ``base`` (None: no link): the full size is one click away while the report sits beside the
+    runs, as launch.sh writes them, and the page itself needs nothing but itself."""
     if path is None or not Path(path).is_file():
         return f'<p class="missing">{_e(alt)}: image missing ({_e(path)})</p>'
-    return _image(Path(path).read_bytes(), alt)
+    with Image.open(path) as image:
+        tag, scaled = _img(image, alt, width, photo), image.width > width
+    if not scaled or base is None:
+        return tag
+    href = Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+    return f'<a href="{_e(quote(href))}" title="full size: {_e(href)}">{tag}</a>'
+
+
+def _gallery(figures: list[tuple[str, str]], base: Path | None) -> str:
+    """(path, caption) montages as thumbnails, two across."""
+    items = "".join(f"<figure>{_image_file(path, caption, base, THUMBNAIL_WIDTH)}<figcaption>{_e(caption)}"
+                    "</figcaption></figure>" for path, caption in figures)
+    return f'<div class="gallery">{items}</div>'
 
 
 def _missing_html(section: dict) -> str:
@@ -233,10 +336,16 @@ def _missing_html(section: dict) -> str:
 
 
 def _duration(seconds) -> str:
+    """Seconds with 2 decimals under 10 s, 1 under a minute, then ``m min s s`` (``h h m min`` from an hour)."""
     if seconds is None:
         return "—"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
     minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes} min {rest} s"
 
 
 def _overview_html(runs: list[dict]) -> str:
@@ -267,7 +376,8 @@ def _training_html(run: dict) -> str:
             parts.append("<p>Linear probe: a logistic regression on the frozen pretrained backbone's pooled features "
                          "(the baseline fine-tuning has to beat).</p>")
     if t["curve"]:
-        parts.append(_image(curves_png(t["curve"], f"{run['model']} ({run['run']})"), f"training curves of {run['run']}"))
+        parts.append(_plot(curves_png(t["curve"], f"{run['model']} ({run['run']})"),
+                           f"training curves of {run['run']}"))
         parts.append(_table(["epoch", "train loss", "test accuracy", "train images/s"],
                             [[r["epoch"], f"{r['train_loss']:.4f}", _percent(r["test_accuracy"]),
                               _number(r["images_per_second"])] for r in t["curve"]], numeric={0, 1, 2, 3}))
@@ -306,8 +416,8 @@ def _forest_html(run: dict) -> str:
         if key.endswith("_accuracy"):
             continue
         if isinstance(value, list):
-            value = ", ".join(str(v) for v in value[:10]) + (" …" if len(value) > 10 else "")
-        details.append([key, _number(value)])
+            value = _text(value[:10]) + (" …" if len(value) > 10 else "")
+        details.append([key, value])
     return title + _table(["split", "accuracy"], accuracies, numeric={1}) + _table(["", "value"], details)
 
 
@@ -357,13 +467,20 @@ def _sweep_html(run: dict) -> str:
     if not sweep["rows"]:
         return title + '<p class="missing">results.csv has no rows yet</p>'
     headers = [h for h in sweep["rows"][0] if h not in HIDDEN_SWEEP_COLUMNS]
-    rows = [[_percent(row[h]) if h.endswith("accuracy") and row[h] else row[h] for h in headers]
-            for row in sweep["rows"]]
+
+    def shown(header: str, text: str):
+        if not text:
+            return text
+        if header.endswith("accuracy"):
+            return _percent(text)
+        return _duration(text) if header == "fit_seconds" else _parsed(text)
+
+    rows = [[shown(h, row[h]) for h in headers] for row in sweep["rows"]]
     numeric = {i for i, h in enumerate(headers) if h in ("k", "n_features", "fit_seconds") or h.endswith("accuracy")}
-    return title + _table(headers, rows, numeric) + _image_file(sweep["plot"], "accuracy against k")
+    return title + _table(headers, rows, numeric) + _image_file(sweep["plot"], "accuracy against k", photo=False)
 
 
-def _topact_html(run: dict) -> str:
+def _topact_html(run: dict, base: Path | None) -> str:
     top = run["topact"]
     title = "<h3>Top features per class and their top activations</h3>"
     if "missing" in top:
@@ -373,12 +490,11 @@ def _topact_html(run: dict) -> str:
     for class_name, entries in top["classes"].items():
         parts.append(f"<h4>{_e(class_name)}</h4>")
         parts.append(_table(["rank", "feature", f"class shares among the top {top['selectivity_top']}"],
-                            [[e["rank"], e["feature"], ", ".join(f"{name} {100 * share:.0f}%" for name, share
-                                                                 in e["class_shares"].items())] for e in entries],
+                            [[e["rank"], str(e["feature"]), ", ".join(f"{name} {100 * share:.0f}%" for name, share
+                                                                      in e["class_shares"].items())] for e in entries],
                             numeric={0, 1}))
-        for e in entries:
-            caption = f"{class_name} #{e['rank']}: feature {e['feature']}"
-            parts.append(f"<figure>{_image_file(e['montage'], caption)}<figcaption>{_e(caption)}</figcaption></figure>")
+        parts.append(_gallery([(e["montage"], f"{class_name} #{e['rank']}: feature {e['feature']}") for e in entries],
+                              base))
     return "".join(parts)
 
 
@@ -444,11 +560,19 @@ def _sanity_html(gradcam: dict) -> str:
                 parts.append(f"<p>{_e(model['model'])} {_e(method)}: passes (its maps change as the weights are "
                              "randomised).</p>")
     if gradcam.get("sanity"):
-        parts.append(_image_file(gradcam["sanity"], "sanity check: Spearman correlation per randomisation step"))
+        parts.append(_image_file(gradcam["sanity"], "sanity check: Spearman correlation per randomisation step",
+                                 photo=False))
     return "".join(parts)
 
 
-def _gradcam_html(gradcam: dict) -> str:
+def _grid_caption(summary: dict) -> str:
+    return (f"<p>Grid: {len(summary['grid_images'])} {_e(summary['split'])} images, the same for every model, a column "
+            "per model and method; each heat map titled with the model's prediction and its probability (red: "
+            "wrong).</p>")
+
+
+def _gradcam_html(gradcam: dict, base: Path | None, grid_above: bool) -> str:
+    """The Grad-CAM section; its grid only when the comparison (``grid_above``) has not shown it already."""
     title = "<h2>Grad-CAM</h2>"
     if "missing" in gradcam:
         return title + _missing_html(gradcam)
@@ -473,13 +597,118 @@ def _gradcam_html(gradcam: dict) -> str:
                       "ROAD LeRF", "ROAD combined", "confidence change", "mean confidence", "images", "time"],
                      _faithfulness_rows(summary), numeric=set(range(3, 13)))
             + _road_percentile_html(summary)
-            + f"<p>Grid: {len(summary['grid_images'])} {_e(summary['split'])} images, the same for every model; "
-              "each heat map titled with the model's prediction and its probability (red: wrong).</p>"
-            + _image_file(gradcam["grid"], "Grad-CAM grid")
+            + ("<p>Grid: in the comparison above.</p>" if grid_above
+               else _grid_caption(summary) + _image_file(gradcam["grid"], "Grad-CAM grid", base))
             + _sanity_html(gradcam))
 
 
-def _concepts_html(run: dict) -> str:
+def _spread(stats: dict, show=lambda value: f"{value:.3f}") -> str:
+    """A ``stats`` object (spread across images) as median [q25, q75]."""
+    return f"{show(stats['median'])} [{show(stats['q25'])}, {show(stats['q75'])}]"
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _pointing_game(style: dict) -> str:
+    """The pointing game's accuracy and counts, with the note on images without a mask (or why there is none)."""
+    game, note = style["pointing_game"], style["pointing_game_note"]
+    if game is None:
+        return note or "—"
+    return f"{_percent(game['accuracy'])} ({game['hits']:,} of {game['images']:,})" + (f"; {note}" if note else "")
+
+
+def _comparison_html(comparison: dict, gradcam: dict, base: Path | None) -> str:
+    """The runs side by side (``catdog.compare``'s summary), and the Grad-CAM grid with a column per model."""
+    title = "<h2>Comparison</h2>"
+    if "missing" in comparison:
+        return title + _missing_html(comparison)
+    s, folder = comparison["summary"], Path(comparison["folder"])
+    runs, pairs = s["runs"], s["pairs"]
+    pair_names = [f"{pair['a']} (a) vs {pair['b']} (b)" for pair in pairs]
+    parts = [title, f"<p>{len(runs)} runs on the same data (<code>{_e(s['data'])}</code>), compared on its "
+                    f"{_e(s['split'])} split; pairs as a vs b. From <code>{_e(folder)}</code>.</p>"]
+    if comparison["uncompared"]:
+        parts.append(f'<p class="missing">the comparison does not cover {_e(", ".join(comparison["uncompared"]))}: '
+                     "run jobs/compare.py again with every run</p>")
+
+    parts.append("<h3>Accuracy and cost</h3>")
+    parts.append(_table(
+        ["run", "model", "image size", "test", "val", "linear probe test", "linear probe val", "hflip TTA", "epochs",
+         "training time", "train images/s", "parameters", "trainable", "precision on device"],
+        [[r["name"], r["model"], r["image_size"], _percent(r["test_accuracy"]), _percent(r["val_accuracy"]),
+          _percent(r["linear_probe_test_accuracy"]), _percent(r["linear_probe_val_accuracy"]),
+          "yes" if r["tta_hflip"] else "no", r["epochs"], _duration(r["train_seconds"]), r["images_per_second"],
+          r["parameters"], r["trainable_parameters"], f"{r['mixed_precision']} on {r['device']}"] for r in runs],
+        numeric={2, 3, 4, 5, 6, 8, 9, 10, 11, 12}))
+    parts += [f'<p class="flag">{_e(r["name"])}: val accuracy recomputed from its checkpoint '
+              f'{_percent(r["val_accuracy_recomputed"])}, its summary.json says {_percent(r["val_accuracy"])} '
+              "(another device or precision?)</p>" for r in runs if r["val_accuracy_recomputed"] != r["val_accuracy"]]
+    parts.append(_table(["pair", "training time, a / b"], [[name, f"{pair['train_time_ratio']:.2f}×"]
+                                                           for name, pair in zip(pair_names, pairs)], numeric={1}))
+
+    parts.append(f"<h3>Grad-CAM ({_e(s['method'])}) on the same val images</h3>")
+    if "missing" in gradcam:
+        parts.append(_missing_html(gradcam))
+    else:
+        parts.append(_grid_caption(gradcam["summary"]) + _image_file(gradcam["grid"], "Grad-CAM grid", base))
+
+    top = f"{100 * s['top_fraction']:.0f}%"
+    parts.append(f"<h3>Heat-map style</h3><p>Per model, over its {_e(s['method'])} maps ({_e(s['target'])} "
+                 "class) of the same val images "
+                 "(median [25th, 75th percentile] across images): the share of the map at or above half its maximum, "
+                 "the map's entropy (normalised: 0 = one pixel, 1 = uniform), and the pointing game (the map's peak "
+                 f"on the object). Per pair: Spearman's rank correlation of the two maps and the IoU of their top "
+                 f"{top} regions.</p>")
+    parts.append(_table(["run", "images", "area ≥ half max", "entropy", "pointing game"],
+                        [[r["name"], r["cam_style"]["images"],
+                          _spread(r["cam_style"]["area_above_half_max"], lambda v: _percent(v, 1)),
+                          _spread(r["cam_style"]["entropy"]), _pointing_game(r["cam_style"])] for r in runs],
+                        numeric={1, 2, 3}))
+    parts.append(_image_file(folder / s["cam_style_plot"], "map style per model", base, photo=False))
+    parts.append(_table(["pair", "images", "Spearman", f"top-{top} IoU"],
+                        [[name, pair["cam_agreement"]["images"], _spread(pair["cam_agreement"]["spearman"]),
+                          _spread(pair["cam_agreement"]["top_iou"])] for name, pair in zip(pair_names, pairs)],
+                        numeric={1, 2, 3}))
+    parts.append("<ul>" + "".join(f"<li><b>{_e(pair['a'])} vs {_e(pair['b'])}</b>: {_e(pair['sentence'])}</li>"
+                                  for pair in pairs) + "</ul>")
+
+    parts.append(f"<h3>Where the predictions differ</h3><p>Each pair's {_e(s['split'])} predictions; "
+                 f"<b>McNemar p</b>: {_e(pairs[0]['disagreement']['mcnemar_test'] if pairs else '')} (a small p: "
+                 "one model is right more often than the other where they differ). Each montage: the images only one "
+                 "of the two gets right, with both models' maps of the true class.</p>")
+    parts.append(_table(["pair", "images", "both right", "only a right", "only b right", "both wrong",
+                         "predicted apart", "McNemar p"],
+                        [[name, d["images"], d["both_right"], d["a_only_right"], d["b_only_right"], d["both_wrong"],
+                          d["predictions_differ"], _p_value(d["mcnemar_p"])]
+                         for name, d in zip(pair_names, (pair["disagreement"] for pair in pairs))],
+                        numeric=set(range(1, 8))))
+    for name, pair in zip(pair_names, pairs):
+        montage = pair["disagreement"]["montage"]
+        caption = f"{name}: the images only one of them gets right"
+        parts.append(f"<figure>{_image_file(folder / montage, caption, base)}<figcaption>{_e(caption)}</figcaption>"
+                     "</figure>" if montage else f"<p>{_e(name)}: no image only one of them gets right.</p>")
+
+    regression = [pair["features"]["logistic_regression"] for pair in pairs]
+    parts.append("<h3>Features</h3><p><b>Linear CKA</b> of the two models' pooled val features (1: the same up to a "
+                 "rotation and scale) against its value with one model's rows shuffled (mean ± std). <b>Logistic "
+                 "regression</b> on each model's features alone and on both concatenated"
+                 + (f" (fit on {_e(regression[0]['fit_split'])}, regularisation chosen on "
+                    f"{_e(regression[0]['chosen_on'])}, scored on {_e(regression[0]['scored_on'])})" if pairs else "")
+                 + ": more than either alone means each model knows something the other does not.</p>")
+    parts.append(_table(["pair", "images", "linear CKA", "shuffled CKA", "shuffles", "a alone", "b alone",
+                         "concatenated", "C chosen"],
+                        [[name, f["images"], f"{f['cka']:.3f}",
+                          f"{f['cka_shuffled']['mean']:.3f} ± {f['cka_shuffled']['std']:.3f}",
+                          f["cka_shuffled"]["shuffles"], _percent(lr["a"]), _percent(lr["b"]),
+                          _percent(lr["concatenated"]), lr["C"]]
+                         for name, f, lr in zip(pair_names, (pair["features"] for pair in pairs), regression)],
+                        numeric=set(range(1, 8))))
+    return "".join(parts)
+
+
+def _concepts_html(run: dict, base: Path | None) -> str:
     concepts = run["concepts"]
     title = "<h3>Concepts (NMF of each class's spatial maps)</h3>"
     if "missing" in concepts:
@@ -502,32 +731,36 @@ def _concepts_html(run: dict) -> str:
                               _percent(c["beats_random"]), f"{c['mean_coefficient']:.3f}",
                               ", ".join(str(ch) for ch in c["top_channels"])] for c in entry["concepts"]],
                             numeric={0, 1, 2, 3, 4}))
-        for c in entry["concepts"]:
-            caption = f"{name} concept {c['concept']}: logit drop {c['importance']:.3f} vs {c['random_importance']:.3f}"
-            parts.append(f"<figure>{_image_file(c['montage'], caption)}<figcaption>{_e(caption)}</figcaption></figure>")
+        parts.append(_gallery([(c["montage"], f"{name} concept {c['concept']}: logit drop {c['importance']:.3f} vs "
+                                              f"{c['random_importance']:.3f}") for c in entry["concepts"]], base))
         caption = f"{name}: concept maps beside the CAMs of its Grad-CAM sample images"
-        parts.append(f"<figure>{_image_file(entry['sample_figure'], caption)}<figcaption>{_e(caption)}"
+        parts.append(f"<figure>{_image_file(entry['sample_figure'], caption, base)}<figcaption>{_e(caption)}"
                      "</figcaption></figure>")
     return "".join(parts)
 
 
-def render(runs: list[dict], gradcam: dict, generated: str) -> str:
-    """The HTML page."""
+def render(runs: list[dict], gradcam: dict, generated: str, comparison: dict | None = None,
+           base: Path | None = None) -> str:
+    """The HTML page, led by the comparison when there is one; ``base``: the report's folder, from which figures
+    shown scaled down link to their files (None: no links)."""
     sections = []
     for run in runs:
         sections.append(f"<h2>{_e(run['model'])} <small>({_e(run['run'])})</small></h2>"
                         + _training_html(run) + _architecture_html(run) + _robustness_html(run)
                         + _forest_html(run) + _sweep_html(run)
-                        + _topact_html(run) + _concepts_html(run))
+                        + _topact_html(run, base) + _concepts_html(run, base))
+    compared = comparison is not None and "missing" not in comparison
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>catdog report</title><style>{CSS}</style></head><body>"
             f"<h1>catdog report</h1><p>Generated {_e(generated)}. Accuracies are on the test split (best epoch, "
             "chosen by test accuracy) and the held-out val split; the seed's figures are its val accuracies.</p>"
-            + _overview_html(runs) + _gradcam_html(gradcam) + "".join(sections) + "</body></html>\n")
+            + ("" if comparison is None else _comparison_html(comparison, gradcam, base) + "<h2>Runs</h2>")
+            + _overview_html(runs) + _gradcam_html(gradcam, base, grid_above=compared and "missing" not in gradcam)
+            + "".join(sections) + "</body></html>\n")
 
 
 def report(run_paths: list[str | os.PathLike], out: str | os.PathLike,
-           gradcam_dir: str | os.PathLike | None = None) -> dict:
+           gradcam_dir: str | os.PathLike | None = None, compare_dir: str | os.PathLike | None = None) -> dict:
     """Write ``OUT/index.html`` and ``OUT/summary.json``; returns the summary."""
     runs = [RunDir(path) for path in run_paths]
     for run in runs:
@@ -536,7 +769,8 @@ def report(run_paths: list[str | os.PathLike], out: str | os.PathLike,
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     collected = [collect_run(run) for run in runs]
     gradcam = collect_gradcam(gradcam_dir, runs)
-    summary = {"generated": generated, "runs": collected, "gradcam": gradcam}
-    write_text(Path(out) / "index.html", render(collected, gradcam, generated))
+    comparison = collect_comparison(compare_dir, runs)
+    summary = {"generated": generated, "runs": collected, "gradcam": gradcam, "compare": comparison}
+    write_text(Path(out) / "index.html", render(collected, gradcam, generated, comparison, Path(out)))
     write_json(Path(out) / "summary.json", summary)
     return summary

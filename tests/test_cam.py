@@ -104,8 +104,9 @@ def test_gradcam_on_two_runs_writes_grid_and_summary(tiny_run, synthetic_root, t
         score = model["methods"]["gradcam"]
         assert score["n_images"] == 3 and -1 <= score["random_drop"] <= 1 and -1 <= score["salient_drop"] <= 1
     # same weights, same images: the two runs' numbers agree (all but the time taken)
-    def numbers(model):
-        return {method: {k: v for k, v in score.items() if k not in ("seconds", "cpu_seconds")}
+    def numbers(model):  # the maps' file names carry the run's place in --runs
+        timing = ("seconds", "cpu_seconds", "faithfulness_maps")
+        return {method: {k: v for k, v in score.items() if k not in timing}
                 for method, score in model["methods"].items()}
 
     assert numbers(summary["models"][0]) == numbers(summary["models"][1])
