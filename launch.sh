@@ -21,23 +21,23 @@
 # fails prints its own line and ends launch.sh with its exit code (2: bad input or a full disk; 130: Ctrl-C).
 # At the end, the seconds each stage took: printed, and written to OUT/timings.tsv.
 set -euo pipefail
-cd "$(dirname "$0")"
 
 DATA=data/cats_vs_dogs OUT=runs SOURCE="" PROCESSES="" MODEL_LIST=() SETS=() WEIGHTS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) DATA=$2; shift 2 ;;
-    --out) OUT=$2; shift 2 ;;
+    --data) DATA=$(realpath -m -- "$2"); shift 2 ;;   # paths as the caller means them: launch.sh cds to its folder
+    --out) OUT=$(realpath -m -- "$2"); shift 2 ;;
     --models) shift
               while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do IFS=, read -r -a names <<< "$1"; MODEL_LIST+=("${names[@]}"); shift; done ;;
-    --weights) WEIGHTS+=("$2"); shift 2 ;;
-    --source) SOURCE=$2; shift 2 ;;
+    --weights) WEIGHTS+=("${2%%=*}=$(realpath -m -- "${2#*=}")"); shift 2 ;;
+    --source) SOURCE=$(realpath -m -- "$2"); shift 2 ;;
     --processes) PROCESSES=$2; shift 2 ;;
     --set) SETS+=("$2"); shift 2 ;;
     -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
   esac
 done
+cd "$(dirname "$0")"
 
 source tools/setup.sh
 stage() { printf '\n== %s\n' "$*"; }
