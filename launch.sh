@@ -10,7 +10,7 @@
 #   --data       data root with {train,test,val}/<class>/ (default data/cats_vs_dogs; prepared when absent)
 #   --source     a PetImages or Kaggle folder to prepare --data from (default: download PetImages when online)
 #   --models     model names, space- or comma-separated: each one's recipe configs/NAME.yaml, or any timm CNN with
-#                the default recipe; default resnet101 convnext_tiny when their ImageNet weights can be had,
+#                catdog's config defaults; default resnet101 convnext_tiny when their ImageNet weights can be had,
 #                else efficientnet_lite0. Two or more models are compared (jobs/compare.py).
 #   --weights    NAME=FILE: train model NAME (one of --models) from this weights file (repeatable)
 #   --out        where run directories, Grad-CAM, the comparison and the report go (default runs)

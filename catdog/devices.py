@@ -31,7 +31,7 @@ def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
     """``auto``: bf16 where the hardware runs it fast (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), fp16 on older GPUs,
     else full precision (on CPUs without bf16 units autocast only adds conversions: measured slower here). On an
     AVX512-BF16 CPU without AMX the training step is about as fast either way, and evaluation faster in bf16
-    (README, "Notes on this CPU")."""
+    (docs/performance.md, "The allocator")."""
     if setting != "auto":
         return setting
     if on_cpu:

@@ -1,4 +1,4 @@
-"""The run directory: the one owner of every path a stage reads or writes (see README, "The pipeline").
+"""The run directory: the one owner of every path a stage reads or writes (see docs/pipeline.md).
 
     python -m catdog.run RUN STAGE     # exit 0 when STAGE of RUN is complete (what ./launch.sh checks)
 
