@@ -38,9 +38,13 @@ from matplotlib.figure import Figure
 from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
                               XGradCAM)
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
-from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
+from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric, RemoveLeastRelevantFirst,
+                                                               RemoveMostRelevantFirst)
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from scipy.sparse import csc_matrix
+from scipy.sparse.linalg import spsolve
 from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -188,6 +192,56 @@ def ranked(cams: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out.reshape(cams.shape)
 
 
+class LinearImputer(NoisyLinearImputer):
+    """grad-cam's ``NoisyLinearImputer`` (each removed pixel the weighted mean of its 8 neighbours, solved as one
+    sparse system, plus noise), with the system built in one vectorised pass instead of grad-cam's element-wise
+    ``lil_matrix`` assignments, which took 70% of its time (1.0 s of 1.4 s for a 260 px image with 30% removed):
+    the same matrix, the same solver, the same noise drawn in the same order, so the same imputed image, bit for
+    bit (``tests/test_cam.py``; ``bench/road.py`` measures the ratio)."""
+
+    @staticmethod
+    def system(mask: np.ndarray, image: np.ndarray) -> tuple[csc_matrix, np.ndarray]:
+        """The (N, N) system and (N, C) right-hand side of ``NoisyLinearImputer.setup_sparse_system``."""
+        height, width = mask.shape
+        flat_mask, flat_image = mask.reshape(-1), image.reshape(image.shape[0], -1)
+        missing = np.flatnonzero(flat_mask == 0)
+        variable = np.zeros(flat_mask.size, dtype=np.int64)
+        variable[missing] = np.arange(len(missing))
+        rows, columns, values = [np.arange(len(missing))], [np.arange(len(missing))], []
+        right = np.zeros((len(missing), image.shape[0]))
+        weight_sum = np.ones(len(missing))
+        y, x = missing // width, missing % width
+        for (dy, dx), weight in neighbors_weights:
+            inside = (y + dy >= 0) & (y + dy < height) & (x + dx >= 0) & (x + dx < width)
+            weight_sum[~inside] -= weight
+            ids = np.flatnonzero(inside)
+            neighbour = missing[ids] + dy * width + dx
+            known = flat_mask[neighbour] > 0.5
+            right[ids[known]] -= weight * flat_image[:, neighbour[known]].T
+            unknown = flat_mask[neighbour] < 0.5
+            rows.append(ids[unknown])
+            columns.append(variable[neighbour[unknown]])
+            values.append(np.full(unknown.sum(), weight))
+        values.insert(0, -weight_sum)
+        matrix = csc_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
+                            shape=(len(missing), len(missing)))
+        return matrix, right
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        flat = img.reshape(img.shape[0], -1)
+        missing = np.flatnonzero(mask.reshape(-1).numpy() == 0)
+        solution = torch.tensor(spsolve(*self.system(mask.numpy(), img.numpy())), dtype=torch.float)
+        filled = flat.clone()
+        filled[:, missing] = solution.t() + self.noise * torch.randn_like(solution.t())
+        return filled.reshape_as(img)
+
+
+def road_metric(most_relevant_first: bool, percentile: int) -> PerturbationConfidenceMetric:
+    """grad-cam's ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst`` at ``percentile``, on ``LinearImputer``."""
+    removal = RemoveMostRelevantFirst if most_relevant_first else RemoveLeastRelevantFirst
+    return PerturbationConfidenceMetric(removal(percentile, LinearImputer()))
+
+
 def road_scores(network: Network, images: torch.Tensor, cams: np.ndarray, targets: torch.Tensor,
                 percentiles: list[int], seed: int, before: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """grad-cam's ROAD on a batch: ``morf`` and ``lerf`` (P, B), the change of each image's target probability
@@ -204,9 +258,9 @@ def road_scores(network: Network, images: torch.Tensor, cams: np.ndarray, target
         before = probabilities(network, images)[picked, targets.to(images.device)].cpu().numpy()
     with torch.random.fork_rng(devices=[]):  # return_diff=False: the probability before is computed once, above
         torch.manual_seed(seed)
-        lerf = [ROADLeastRelevantFirst(p)(images, cams, softmax_targets, network, return_diff=False) - before
+        lerf = [road_metric(False, p)(images, cams, softmax_targets, network, return_diff=False) - before
                 for p in percentiles]
-        morf = [ROADMostRelevantFirst(p)(images, cams, softmax_targets, network, return_diff=False) - before
+        morf = [road_metric(True, p)(images, cams, softmax_targets, network, return_diff=False) - before
                 for p in percentiles]
     return {"morf": np.stack(morf), "lerf": np.stack(lerf)}
 

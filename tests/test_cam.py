@@ -190,6 +190,30 @@ def test_road_scores_are_grad_cams_road_combined():
     np.testing.assert_array_equal(again["morf"], scores["morf"])
 
 
+@pytest.mark.parametrize("mask_kind", ["scattered", "blob at the border", "nothing removed"])
+def test_linear_imputer_is_grad_cams_bit_for_bit(mask_kind):
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from catdog.cam import LinearImputer
+
+    rng = np.random.default_rng(3)
+    image = torch.rand(3, 40, 36)
+    mask = torch.from_numpy((rng.random((40, 36)) > 0.3).astype(np.float32))
+    if mask_kind == "blob at the border":
+        mask = torch.ones(40, 36)
+        mask[:15, 20:] = 0
+    elif mask_kind == "nothing removed":
+        mask = torch.ones(40, 36)
+    torch.manual_seed(5)
+    expected = NoisyLinearImputer()(image, mask) if mask_kind != "nothing removed" else image
+    torch.manual_seed(5)
+    found = LinearImputer()(image, mask)
+    assert torch.equal(found, expected)
+    if mask_kind != "nothing removed":
+        assert not torch.equal(found[:, mask == 0], image[:, mask == 0])  # the removed pixels were filled in
+    assert torch.equal(found[:, mask == 1], image[:, mask == 1])
+
+
 def test_spearman():
     rng = np.random.default_rng(0)
     a = rng.random((3, 8, 8))
