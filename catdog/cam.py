@@ -25,11 +25,13 @@ names that file per model and method (part names carry the run's place in ``--ru
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,6 +55,7 @@ from tqdm import tqdm
 from catdog.config import Config, DataConfig, GradcamConfig, save_config
 from catdog.data import ImageDataset, find_classes, load_rgb
 from catdog.splits import open_split
+from catdog.devices import inference_device
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.models import Network, cam_layer_name
@@ -170,10 +173,35 @@ def probabilities(network: Network, images: torch.Tensor) -> torch.Tensor:
     return network(images).softmax(dim=1)
 
 
+@contextlib.contextmanager
+def gradients_from(network: nn.Module, layer: nn.Module) -> Iterator[None]:
+    """Within the block, a backward pass stops at ``layer``'s output: no parameter asks for a gradient, and the
+    layer's output asks for one through a zero added to it (the same values; unlike a leaf, it may still be changed
+    in place downstream). Grad-CAM needs only the gradient at that output, and grad-cam's own backward pass otherwise
+    runs through the whole network for every parameter's gradient."""
+    flags = [(parameter, parameter.requires_grad) for parameter in network.parameters()]
+    anchor = torch.zeros((), requires_grad=True)
+
+    def ask_for_gradient(module, args, output):
+        return output + anchor.to(output.device, output.dtype) if torch.is_grad_enabled() else output
+
+    handle = layer.register_forward_hook(ask_for_gradient)
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        handle.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 def class_activation_maps(network: Network, method: str, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """(B, H, W) maps in [0, 1] for each image's target class, from the registry's CAM layer."""
+    """(B, H, W) maps in [0, 1] for each image's target class, from the registry's CAM layer (``gradients_from``
+    it: the backward pass stops there)."""
     maps = None
-    with METHODS[method](model=network, target_layers=[network.cam_layer]) as cam:
+    with gradients_from(network, network.cam_layer), \
+            METHODS[method](model=network, target_layers=[network.cam_layer]) as cam:
         maps = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     if maps is None:  # grad-cam's __exit__ prints an IndexError and swallows it
         raise RuntimeError(f"{method} on {network.name} failed (see the message printed above)")
@@ -555,7 +583,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
     faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
     sanity_rows = sample_per_class(reference.labels, cfg.sanity_images_per_class, cfg.seed + 1)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     models, columns = [], []
     for number, run in enumerate(runs):
         run_config = run.config()

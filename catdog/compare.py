@@ -45,6 +45,7 @@ from catdog.cam import (class_activation_maps, display_photo, draw_grid, sample_
                         stage_dir as gradcam_dir)
 from catdog.config import CompareConfig, Config, save_config
 from catdog.data import find_classes
+from catdog.devices import inference_device
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.predict import PROBABILITY_PREFIX, predict, resolve_precision
@@ -477,7 +478,7 @@ def true_class_maps(item: RunInputs, data_root: Path, images: list[str], method:
     classes = item.summary["classes"]
     dataset = open_split(data_root, SPLIT, item.config.data, classes=classes)
     where = {dataset.relative_path(i): i for i in range(len(dataset))}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     network = item.run.load_model()[0].to(device)
     maps = []
     for batch, labels, _ in DataLoader(Subset(dataset, [where[image] for image in images]), batch_size=batch_size,

@@ -52,6 +52,15 @@ def keep_freed_memory() -> bool:
     return all([libc.mallopt(MALLOPT_PARAMETERS[name], value) == 1 for name, value in FREED_MEMORY_KEPT.items()])
 
 
+def inference_device(name: str | None = None) -> torch.device:
+    """The device of a job that runs a network outside Accelerate (Grad-CAM, predict, compare): ``name``, else the
+    GPU when there is one, else the CPU, where ``keep_freed_memory`` applies as in ``accelerator_for``."""
+    device = torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
 def use_cpu_cores(accelerator: Accelerator, threads: int | None = None) -> None:
     """On the CPU, give each local process its share of the cores, or ``threads`` when given.
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from catdog.data import (IMAGE_SUFFIXES, build_transform, limit_image_pixels, load_rgb, unreadable_reason,
                          warn_skipped)
-from catdog.devices import autocast
+from catdog.devices import autocast, inference_device
 from catdog.errors import CatdogError
 from catdog.io import write_json, write_text
 from catdog.progress import progress_bar
@@ -178,9 +178,9 @@ def _collate(batch):
 def _device(name: str | None) -> torch.device:
     """``name`` checked (a typo or an absent GPU is a one-line error), or cuda when available, else the CPU."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return inference_device()
     try:
-        device = torch.device(name)
+        device = inference_device(name)
     except RuntimeError:
         raise CatdogError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):

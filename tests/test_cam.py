@@ -190,6 +190,28 @@ def test_road_scores_are_grad_cams_road_combined():
     np.testing.assert_array_equal(again["morf"], scores["morf"])
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "eigencam"])
+def test_cams_with_the_backward_pass_stopped_at_the_layer_are_grad_cams(method):
+    """``gradients_from``: the same maps as grad-cam's full backward pass, also with an in-place op after the layer;
+    every parameter keeps its requires_grad (a frozen one stays frozen)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from catdog.cam import METHODS, gradients_from
+
+    network = TinyNet().eval()
+    network.features[1] = nn.ReLU(inplace=True)  # changes the CAM layer's output in place
+    network.features[2].bias.requires_grad_(False)
+    layer = network.features[0]
+    images, targets = torch.randn(3, 3, 12, 12), [ClassifierOutputTarget(t) for t in (0, 1, 1)]
+    with METHODS[method](model=network, target_layers=[layer]) as cam:
+        expected = cam(input_tensor=images, targets=targets)
+    with gradients_from(network, layer), METHODS[method](model=network, target_layers=[layer]) as cam:
+        assert not any(parameter.requires_grad for parameter in network.parameters())
+        found = cam(input_tensor=images, targets=targets)
+    np.testing.assert_array_equal(found, expected)
+    assert [parameter.requires_grad for parameter in network.parameters()] == [True, True, True, False, True, True]
+
+
 @pytest.mark.parametrize("mask_kind", ["scattered", "blob at the border", "nothing removed"])
 def test_linear_imputer_is_grad_cams_bit_for_bit(mask_kind):
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
