@@ -366,25 +366,30 @@ def _prediction_identity(item: RunInputs, data_root: Path) -> dict:
 
 
 def val_predictions(item: RunInputs, data_root: Path, parts: Path) -> dict:
-    """The run's val predictions by ``catdog.predict.predict`` (``DATA/val`` as a labelled folder: it evaluates as
-    training did), kept in ``parts/`` with their identity, which is written last. Returns ``paths`` (relative to the
-    data root), ``labels``, ``predicted``, ``probabilities`` (N, classes) and ``accuracy``."""
-    folder = parts / f"predictions-{_file_name(item.name)}-{item.checkpoint_sha256[:12]}"
-    identity, identity_path = _prediction_identity(item, data_root), folder / "identity.json"
-    if identity_path.is_file() and read_json(identity_path) == identity:
-        log.info("%s: reusing the val predictions in %s", item.run.path, folder)
-    else:
-        identity_path.unlink(missing_ok=True)
-        predict(item.run.path, folder, labelled=data_root / SPLIT)
-        write_json(identity_path, identity)
+    """The run's val predictions: the ones training wrote with its own val evaluation (``RunDir.val_predictions_path``),
+    or, for a run trained before it wrote them, ``catdog.predict.predict`` on ``DATA/val`` as a labelled folder (it
+    evaluates as training did), kept in ``parts/`` with their identity, which is written last. Returns ``paths``
+    (relative to the data root), ``labels``, ``predicted``, ``probabilities`` (N, classes) and ``accuracy``."""
+    csv_path = item.run.val_predictions_path
+    if not csv_path.is_file():
+        folder = parts / f"predictions-{_file_name(item.name)}-{item.checkpoint_sha256[:12]}"
+        identity, identity_path = _prediction_identity(item, data_root), folder / "identity.json"
+        if identity_path.is_file() and read_json(identity_path) == identity:
+            log.info("%s: reusing the val predictions in %s", item.run.path, folder)
+        else:
+            identity_path.unlink(missing_ok=True)
+            predict(item.run.path, folder, labelled=data_root / SPLIT)
+            write_json(identity_path, identity)
+        csv_path = folder / "predictions.csv"
     classes = item.summary["classes"]
-    with open(folder / "predictions.csv", newline="") as handle:
+    with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
+    labels = np.array([classes.index(row["label"]) for row in rows], dtype=int)
+    predicted = np.array([classes.index(row["predicted"]) for row in rows], dtype=int)
     return {"paths": [f"{SPLIT}/{'/'.join(Path(row['path']).parts[-2:])}" for row in rows],  # val/<class>/<file>
-            "labels": np.array([classes.index(row["label"]) for row in rows], dtype=int),
-            "predicted": np.array([classes.index(row["predicted"]) for row in rows], dtype=int),
+            "labels": labels, "predicted": predicted,
             "probabilities": np.array([[float(row[PROBABILITY_PREFIX + name]) for name in classes] for row in rows]),
-            "accuracy": read_json(folder / "metrics.json")["accuracy"]}
+            "accuracy": float((labels == predicted).mean())}
 
 
 def object_masks(data_root: Path, images: list[str]) -> tuple[list[np.ndarray | None], str | None]:

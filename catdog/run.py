@@ -105,6 +105,11 @@ class RunDir:
         return self.path / "summary.json"
 
     @property
+    def val_predictions_path(self) -> Path:
+        """The best weights' prediction for every val image (``path, label, predicted, probability, p_<class>...``)."""
+        return self.path / "val_predictions.csv"
+
+    @property
     def linear_probe_path(self) -> Path:
         """The linear probe's head on the frozen pretrained backbone (the classifier's state dict)."""
         return self.path / "linear_probe.safetensors"

@@ -30,6 +30,7 @@ from catdog.data import find_classes, loader_options
 from catdog.splits import open_split
 from catdog.errors import CatdogError
 from catdog.io import remove_stale_temps_in, write_bytes, write_json, write_text
+from catdog.predict import InputImage, csv_columns, csv_text, prediction_rows
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -70,12 +71,15 @@ def build_scheduler(cfg: OptimConfig, optimizer, steps_per_epoch: int) -> torch.
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: bool, batch_transform,
-             tta_hflip: bool = False) -> dict:
+             tta_hflip: bool = False, per_image: bool = False) -> dict:
     """Accuracy over the whole split (``gather_for_metrics`` drops the padding added to even out processes); with
-    ``tta_hflip`` also the accuracy of the mean softmax over each image and its mirror image."""
+    ``tta_hflip`` also the accuracy of the mean softmax over each image and its mirror image. With ``per_image``,
+    also each image's ``probabilities`` (the mean softmax with TTA) and ``predicted`` class, in the split's order."""
     model.eval()
     correct = correct_tta = total = 0  # device tensors after the first batch: one sync, at the end
-    for images, labels, _ in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    kept = {"indices": [], "probabilities": [], "predicted": []}
+    for images, labels, indices in progress_bar(loader, desc=desc, leave=False,
+                                                disable=not accelerator.is_local_main_process):
         images = batch_transform(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -83,14 +87,23 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: 
             logits = model(images).float()
             flipped = model(images.flip(-1)).float() if tta_hflip else logits
         predictions = logits.argmax(dim=1)
-        predictions_tta = (logits.softmax(1) + flipped.softmax(1)).argmax(dim=1)
-        predictions, predictions_tta, labels = accelerator.gather_for_metrics((predictions, predictions_tta, labels))
+        mean_softmax = (logits.softmax(1) + flipped.softmax(1)) / 2
+        predictions_tta = mean_softmax.argmax(dim=1)
+        predictions, predictions_tta, labels, mean_softmax, indices = accelerator.gather_for_metrics(
+            (predictions, predictions_tta, labels, mean_softmax, indices.to(labels.device)))
         correct += (predictions == labels).sum()
         correct_tta += (predictions_tta == labels).sum()
         total += labels.numel()
+        if per_image:
+            kept["indices"].append(indices.cpu())
+            kept["probabilities"].append(mean_softmax.cpu())
+            kept["predicted"].append((predictions_tta if tta_hflip else predictions).cpu())
     result = {"accuracy": int(correct) / total, "images": total}
     if tta_hflip:
         result["accuracy_tta"] = int(correct_tta) / total
+    if per_image:
+        order = torch.cat(kept["indices"]).argsort()
+        result.update({key: torch.cat(kept[key])[order].numpy() for key in ("probabilities", "predicted")})
     return result
 
 
@@ -277,6 +290,15 @@ def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[st
     return datasets, loaders
 
 
+def write_val_predictions(run: RunDir, dataset, val: dict, classes: list[str]) -> None:
+    """The best weights' prediction for every val image, as ``jobs/predict.py --labelled DATA/val`` writes them (paths
+    relative to the data root): what ``jobs/compare.py`` reads, with no second pass over the split."""
+    items = [InputImage(Path(dataset.relative_path(i)), dataset.relative_path(i), sample.label)
+             for i, sample in enumerate(dataset.samples)]
+    rows = prediction_rows(items, val["probabilities"], val["predicted"], classes, labelled=True)
+    write_text(run.val_predictions_path, csv_text(rows, csv_columns(classes, labelled=True)))
+
+
 def summarize(config: Config, data_root: str | os.PathLike, classes: list[str], accelerator: Accelerator,
               precision: str, history: list[dict], best: dict, val: dict, baseline: dict | None) -> dict:
     """summary.json: the best epoch, its test and val accuracies beside the linear probe's, and the training speed;
@@ -403,7 +425,7 @@ def fine_tune(config: Config, data_root: str | os.PathLike, run: RunDir, classes
     if not run.best_checkpoint.exists():
         raise CatdogError(f"run {run.path}: no best checkpoint was written (optim.epochs = {config.optim.epochs})")
     accelerator.unwrap_model(evaluated).load_state_dict(run.load_weights())
-    val = evaluate(evaluated, loaders["val"], accelerator, "val", channels_last, transforms["val"], tta)
+    val = evaluate(evaluated, loaders["val"], accelerator, "val", channels_last, transforms["val"], tta, per_image=True)
     summary = summarize(config, data_root, classes, accelerator, precision, history, best, val, baseline)
     accelerator.log({"val/accuracy": summary["val_accuracy"]},
                     step=config.optim.epochs * -(-steps_per_epoch // accelerator.num_processes))
@@ -411,6 +433,7 @@ def fine_tune(config: Config, data_root: str | os.PathLike, run: RunDir, classes
                       f"({val['images']} images)" + (f"; linear probe: test {baseline['test_accuracy']:.2%}, val "
                                                      f"{baseline['val_accuracy']:.2%}" if baseline else ""))
     if accelerator.is_main_process:
+        write_val_predictions(run, datasets["val"], val, classes)
         write_json(run.summary_path, summary)
     accelerator.end_training()
     return summary

@@ -220,6 +220,7 @@ def two_families(masked_root, tmp_path_factory) -> tuple[list[Path], Path]:
                       "optim.head_init=random", "train.linear_probe=false"), masked_root, runs[1])
     for run in runs:
         extract(RunDir(run).config(), run, masked_root)
+    RunDir(runs[1]).val_predictions_path.unlink()  # as trained before training wrote them: compare runs predict
     gradcam(runs, masked_root, top / "out", tiny_config(*GRADCAM))
     return runs, top / "out"
 
@@ -258,7 +259,7 @@ def check_schema(summary: dict, runs: list[Path], masked_root: Path) -> None:
     for run, path in zip(summary["runs"], runs):
         trained = read_json(path / "summary.json")
         assert run["test_accuracy"] == trained["best_test_accuracy"]
-        assert run["val_accuracy"] == run["val_accuracy_recomputed"] == trained["val_accuracy"]  # predict's path
+        assert run["val_accuracy"] == run["val_accuracy_recomputed"] == trained["val_accuracy"]
         assert run["linear_probe_val_accuracy"] == trained.get("linear_probe_val_accuracy")
         assert run["linear_probe_test_accuracy"] == trained.get("linear_probe_test_accuracy")
         assert run["train_seconds"] == trained["train_seconds"] > 0 and run["images_per_second"] > 0
@@ -323,6 +324,8 @@ def test_compare_job_writes_the_schema_and_reuses_its_parts(two_families, masked
     for needle in ("probe val", "lite0 vs resnet18", "McNemar p", "linear CKA", "shuffled", "maps cover"):
         assert needle in printed, needle
 
+    predicted = sorted(path.name for path in (stage / "parts").glob("predictions-*"))
+    assert len(predicted) == 1 and predicted[0].startswith("predictions-resnet18-")  # lite0's: from training
     parts = sorted((stage / "parts").rglob("*.*"))
     stamps = {path: path.stat().st_mtime_ns for path in parts}
     code, again, err = run_script("jobs/compare.py", args, monkeypatch, capsys)

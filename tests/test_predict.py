@@ -113,6 +113,13 @@ def test_labelled_val_reproduces_summary(tiny_run, synthetic_root, tmp_path, mon
     assert columns == ["path", "label", "predicted", "probability", "p_cat", "p_dog"]
     assert len(rows) == 10 and [row["label"] for row in rows] == ["cat"] * 5 + ["dog"] * 5
     assert sum(row["label"] == row["predicted"] for row in rows) == metrics["correct"]
+    # training's own val evaluation wrote the same predictions (what jobs/compare.py reads)
+    trained_columns, trained = read_csv(tiny_run / "val_predictions.csv")
+    assert trained_columns == columns
+    assert [Path(row["path"]).parts[-2:] for row in trained] == [Path(row["path"]).parts[-2:] for row in rows]
+    assert [row["predicted"] for row in trained] == [row["predicted"] for row in rows]
+    np.testing.assert_allclose([[float(row[c]) for c in columns[3:]] for row in trained],
+                               [[float(row[c]) for c in columns[3:]] for row in rows], rtol=1e-5, atol=1e-6)
 
 
 def test_probabilities_equal_accelerate_evaluation(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys):

@@ -166,6 +166,9 @@ def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_pat
     assert len(per_rank) == 2 and all(n <= 24 for n in per_rank) and sum(per_rank) >= 48
     # 14 test and 10 val images in batches of 4 over 2 ranks: padding is added and must not be counted
     assert (summary["test_images"], summary["val_images"]) == (14, 10)
+    rows = (tmp_path / "ddp" / "val_predictions.csv").read_text().splitlines()[1:]
+    listed = sorted(str(p.relative_to(synthetic_root)) for p in (synthetic_root / "val").rglob("*.jpg"))
+    assert [row.split(",")[0] for row in rows] == listed  # every val image once, in the split's order
 
 
 def test_linear_probe_is_reported_and_lp_ft_starts_from_its_head(tmp_path, synthetic_root):
