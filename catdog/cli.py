@@ -43,6 +43,13 @@ def config_from(args: argparse.Namespace, fallback: str | None = None) -> Config
     return load_config(args.config or fallback, args.overrides)
 
 
+def refuse_overrides_in(values: list[str], flag: str) -> None:
+    """A list option (``nargs="+"``) swallows the ``section.key=value`` overrides after it: name the first one."""
+    misplaced = [value for value in values if "=" in value]
+    if misplaced:
+        raise CatdogError(f"{flag} {misplaced[0]}: looks like an override; put overrides before {flag}")
+
+
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """``path`` as a folder this job can write: it is one already, or it can be made. Nothing is created here.
 

@@ -4,8 +4,7 @@
 
 Prints one line per model (its recipe and where its weights come from); any problem is one line, exit code 2.
 """
-from catdog.cli import parser, run_job
-from catdog.errors import CatdogError
+from catdog.cli import parser, refuse_overrides_in, run_job
 from catdog.plan import parse_weights, plan
 
 
@@ -15,9 +14,7 @@ def main() -> None:
     p.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
                    help="a weights file for one of --models (repeatable)")
     args = p.parse_args()
-    misplaced = [name for name in args.models if "=" in name]
-    if misplaced:
-        raise CatdogError(f"--models {misplaced[0]}: looks like an override; put overrides before --models")
+    refuse_overrides_in(args.models, "--models")
     for _, line in plan(args.models, parse_weights(args.weights, args.models), args.overrides).values():
         print(line)
 

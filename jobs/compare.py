@@ -12,9 +12,8 @@ The compare section comes from --config (default: the first run's config.yaml) p
 """
 from pathlib import Path
 
-from catdog.cli import config_from, parser, run_job, writable_dir
+from catdog.cli import config_from, parser, refuse_overrides_in, run_job, writable_dir
 from catdog.compare import compare, stage_dir
-from catdog.errors import CatdogError
 from catdog.run import RunDir
 
 
@@ -64,9 +63,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the data root the runs were trained on")
     p.add_argument("--out", required=True, help="folder holding gradcam/ (jobs/gradcam.py); compare/ is written there")
     args = p.parse_args()
-    misplaced = [run for run in args.runs if "=" in run]
-    if misplaced:
-        raise CatdogError(f"--runs {misplaced[0]}: looks like an override; put overrides before --runs")
+    refuse_overrides_in(args.runs, "--runs")
     writable_dir(args.out, "--out")
     summary = compare(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
     print_summary(summary, stage_dir(args.out))

@@ -9,9 +9,8 @@ classes already done.
 """
 import contextlib
 
-from catdog.cli import config_from, parser, run_job, writable_dir
+from catdog.cli import config_from, parser, refuse_overrides_in, run_job, writable_dir
 from catdog.concepts import run_concepts
-from catdog.errors import CatdogError
 from catdog.run import RunDir
 
 
@@ -22,9 +21,7 @@ def main() -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="run the per-class work in this process, one by one")
     args = p.parse_args()
-    misplaced = [run for run in args.run if "=" in run]
-    if misplaced:
-        raise CatdogError(f"--run {misplaced[0]}: looks like an override; put overrides before --run")
+    refuse_overrides_in(args.run, "--run")
     runs = [RunDir(writable_dir(path, "--run")) for path in args.run]
     config = config_from(args, fallback=str(runs[0].config_path))
     with contextlib.ExitStack() as held:

@@ -8,8 +8,7 @@ Writes OUT_DIR/gradcam/{grid.png,sanity.png,summary.json,config.yaml}. The gradc
 first run's config.yaml) plus overrides; each model's eval transform comes from its own run's config.yaml.
 """
 from catdog.cam import gradcam
-from catdog.cli import config_from, parser, run_job, writable_dir
-from catdog.errors import CatdogError
+from catdog.cli import config_from, parser, refuse_overrides_in, run_job, writable_dir
 from catdog.run import RunDir
 
 
@@ -19,9 +18,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="data root with a val/ split (the one the runs were trained on)")
     p.add_argument("--out", required=True, help="folder to write gradcam/ into")
     args = p.parse_args()
-    misplaced = [run for run in args.runs if "=" in run]
-    if misplaced:
-        raise CatdogError(f"--runs {misplaced[0]}: looks like an override; put overrides before --runs")
+    refuse_overrides_in(args.runs, "--runs")
     writable_dir(args.out, "--out")
     summary = gradcam(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
     for model in summary["models"]:
