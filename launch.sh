@@ -153,7 +153,7 @@ timed report python jobs/report.py --runs "${RUNS[@]}" --gradcam "$OUT/gradcam" 
 stage "time per stage (this launch; skipped stages took none)"
 { printf 'stage\tseconds\n'; printf '%s\n' ${TIMES[@]+"${TIMES[@]}"} | awk -F'\t' 'NF { printf "%s\t%.1f\n", $1, $2 / 1000 }'; } \
   > "$OUT/timings.tsv"
-awk -F'\t' 'NR > 1 { printf "  %-28s %8.1f s\n", $1, $2; total += $2 } END { printf "  %-28s %8.1f s\n", "total", total }' \
+awk -F'\t' 'NR > 1 { printf "  %-32s %8.1f s\n", $1, $2; total += $2 } END { printf "  %-32s %8.1f s\n", "total", total }' \
   "$OUT/timings.tsv"
 echo
 echo "done: open $OUT/report/index.html"

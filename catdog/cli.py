@@ -13,6 +13,7 @@ from typing import Callable
 
 from catdog.config import Config, load_config, load_recipe
 from catdog.errors import CatdogError
+from catdog.run import RunDir
 
 
 def parser(description: str, overrides: bool = True, recipes: bool = False) -> argparse.ArgumentParser:
@@ -48,6 +49,18 @@ def refuse_overrides_in(values: list[str], flag: str) -> None:
     misplaced = [value for value in values if "=" in value]
     if misplaced:
         raise CatdogError(f"{flag} {misplaced[0]}: looks like an override; put overrides before {flag}")
+
+
+def parse_runs_into_out(p: argparse.ArgumentParser, runs: str, data: str, out: str) -> tuple[argparse.Namespace, Config]:
+    """Jobs that read several runs and write one folder (gradcam, compare): ``--runs RUN... --data DATA --out OUT``,
+    overrides before ``--runs``, and the config of ``--config`` else of the first run. Returns the arguments and it."""
+    p.add_argument("--runs", nargs="+", required=True, help=runs)
+    p.add_argument("--data", required=True, help=data)
+    p.add_argument("--out", required=True, help=out)
+    args = p.parse_args()
+    refuse_overrides_in(args.runs, "--runs")
+    writable_dir(args.out, "--out")
+    return args, config_from(args, fallback=str(RunDir(args.runs[0]).config_path))
 
 
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:

@@ -12,9 +12,8 @@ The compare section comes from --config (default: the first run's config.yaml) p
 """
 from pathlib import Path
 
-from catdog.cli import config_from, parser, refuse_overrides_in, run_job, writable_dir
+from catdog.cli import parse_runs_into_out, parser, run_job
 from catdog.compare import compare, stage_dir
-from catdog.run import RunDir
 
 
 def _percent(value) -> str:
@@ -58,14 +57,11 @@ def print_summary(summary: dict, stage: Path) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--runs", nargs="+", required=True, help="two or more run directories written by jobs/train.py")
-    p.add_argument("--data", required=True, help="the data root the runs were trained on")
-    p.add_argument("--out", required=True, help="folder holding gradcam/ (jobs/gradcam.py); compare/ is written there")
-    args = p.parse_args()
-    refuse_overrides_in(args.runs, "--runs")
-    writable_dir(args.out, "--out")
-    summary = compare(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
+    args, config = parse_runs_into_out(
+        parser(__doc__), runs="two or more run directories written by jobs/train.py",
+        data="the data root the runs were trained on",
+        out="folder holding gradcam/ (jobs/gradcam.py); compare/ is written there")
+    summary = compare(args.runs, args.data, args.out, config)
     print_summary(summary, stage_dir(args.out))
 
 

@@ -8,19 +8,14 @@ Writes OUT_DIR/gradcam/{grid.png,sanity.png,summary.json,config.yaml}. The gradc
 first run's config.yaml) plus overrides; each model's eval transform comes from its own run's config.yaml.
 """
 from catdog.cam import gradcam
-from catdog.cli import config_from, parser, refuse_overrides_in, run_job, writable_dir
-from catdog.run import RunDir
+from catdog.cli import parse_runs_into_out, parser, run_job
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--runs", nargs="+", required=True, help="run directories written by jobs/train.py")
-    p.add_argument("--data", required=True, help="data root with a val/ split (the one the runs were trained on)")
-    p.add_argument("--out", required=True, help="folder to write gradcam/ into")
-    args = p.parse_args()
-    refuse_overrides_in(args.runs, "--runs")
-    writable_dir(args.out, "--out")
-    summary = gradcam(args.runs, args.data, args.out, config_from(args, fallback=str(RunDir(args.runs[0]).config_path)))
+    args, config = parse_runs_into_out(
+        parser(__doc__), runs="run directories written by jobs/train.py",
+        data="data root with a val/ split (the one the runs were trained on)", out="folder to write gradcam/ into")
+    summary = gradcam(args.runs, args.data, args.out, config)
     for model in summary["models"]:
         for method, score in model["methods"].items():
             print(f"{model['run']} ({model['model']}) {method}: confidence drop {score['salient_drop']:.3f} removing "
