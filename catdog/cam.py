@@ -60,7 +60,7 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, read_json, write_json
 from catdog.models import Network, cam_layer_name
 from catdog.progress import progress_bar
-from catdog.run import RunDir
+from catdog.run import RunDir, run_label
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def draw_sanity(models: list[dict], threshold: float, path: Path) -> None:
         axis.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"flag at {threshold:g}")
         axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
         axis.set(ylabel="Spearman vs trained", ylim=(-0.3, 1.05),
-                 title=f"{model['model']} ({Path(model['run']).name}): cascading randomisation, top down")
+                 title=f"{run_label(Path(model['run']).name, model['model'])}: cascading randomisation, top down")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     with atomic_path(path) as tmp:
@@ -620,7 +620,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
             entry["methods"][method]["faithfulness_maps"] = faith_path.relative_to(stage).as_posix()
             entry["checkpoint_sha256"] = identity["checkpoint_sha256"]
             entry["sanity_layers"] = [step["layer"] for step in result["sanity"]]
-            columns.append({"title": f"{model_name} ({run.path.name})\n{method}", "maps": maps,
+            columns.append({"title": f"{run_label(run.path.name, model_name)}\n{method}", "maps": maps,
                             "predictions": result["grid_predictions"]})
         models.append(entry)
 

@@ -36,7 +36,7 @@ from PIL import Image
 from catdog import models
 from catdog.errors import CatdogError
 from catdog.io import read_json, write_json, write_text
-from catdog.run import RunDir
+from catdog.run import RunDir, run_label
 
 SEED_VAL_ACCURACY = {"resnet101.tv2_in1k": 0.9825, "convnext_tiny": 0.9880}
 """The seed notebook's val accuracies, for comparison."""
@@ -635,13 +635,15 @@ def _comparison_html(comparison: dict, gradcam: dict, base: Path | None) -> str:
 
     parts.append("<h3>Accuracy and cost</h3>")
     parts.append(_table(
-        ["run", "model", "image size", "test", "val", "linear probe test", "linear probe val", "hflip TTA", "epochs",
-         "training time", "train images/s", "parameters", "trainable", "precision on device"],
-        [[r["name"], r["model"], r["image_size"], _percent(r["test_accuracy"]), _percent(r["val_accuracy"]),
-          _percent(r["linear_probe_test_accuracy"]), _percent(r["linear_probe_val_accuracy"]),
-          "yes" if r["tta_hflip"] else "no", r["epochs"], _duration(r["train_seconds"]), r["images_per_second"],
-          r["parameters"], r["trainable_parameters"], f"{r['mixed_precision']} on {r['device']}"] for r in runs],
-        numeric={2, 3, 4, 5, 6, 8, 9, 10, 11, 12}))
+        ["run", "image size", "test", "val", "linear probe test / val", "hflip TTA", "epochs", "training time",
+         "train images/s", "parameters (trainable)", "precision on device"],
+        [[run_label(r["name"], r["model"]), r["image_size"], _percent(r["test_accuracy"]),
+          _percent(r["val_accuracy"]),
+          f"{_percent(r['linear_probe_test_accuracy'])} / {_percent(r['linear_probe_val_accuracy'])}",
+          "yes" if r["tta_hflip"] else "no", r["epochs"], _duration(r["train_seconds"]),
+          f"{r['images_per_second']:.1f}", f"{r['parameters']:,} ({r['trainable_parameters']:,})",
+          f"{r['mixed_precision']} on {r['device']}"] for r in runs],
+        numeric={1, 2, 3, 4, 6, 7, 8, 9}))
     parts += [f'<p class="flag">{_e(r["name"])}: val accuracy recomputed from its checkpoint '
               f'{_percent(r["val_accuracy_recomputed"])}, its summary.json says {_percent(r["val_accuracy"])} '
               "(another device or precision?)</p>" for r in runs if r["val_accuracy_recomputed"] != r["val_accuracy"]]

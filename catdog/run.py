@@ -269,6 +269,12 @@ class RunDir:
         return network.eval(), classes
 
 
+def run_label(run_name: str, model: str) -> str:
+    """How figures and tables name a run: its folder's name, plus its model's where they differ (a launch names
+    each run after its model)."""
+    return run_name if run_name == model else f"{run_name} ({model})"
+
+
 def main(argv: list[str]) -> int:
     """``python -m catdog.run RUN STAGE``: exit 0 if complete, 1 if not; print the marker file."""
     if len(argv) != 2:

@@ -190,7 +190,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_with_space_completes(job, tiny_run,
     report = done.stdout
     assert "first 2" in report and "second 0" in report, report + done.stderr
     first_log = "\n".join(l[4:] for l in report.splitlines() if l.startswith("log "))
-    assert_one_error_line(first_log, "no space left on the device",
+    assert_one_error_line(first_log, f"no space left on the device writing in {disk}/run",
                           "--resume" if job == "train" else "run the same command again")
     assert "temporary" not in report, report
     if job == "train":
