@@ -74,7 +74,7 @@ def main() -> None:
     a, b = args.models
     print(f"{args.per_class} train images per class; settings: {' '.join(sets)}")
     print(f"{'stage':28s} {a + ' alone':>24s} {b + ' alone':>24s} {'both in one launch':>20s}")
-    stages = list(dict.fromkeys([*times[a], *times[b], *both]))
+    stages = [stage for stage in dict.fromkeys([*times[a], *times[b], *both]) if stage != "wall"] + ["wall"]
     for stage in stages:
         cells = [times[a].get(stage), times[b].get(stage), both.get(stage)]
         print(f"{stage:28s} " + " ".join(f"{'' if c is None else f'{c:.1f} s':>{w}s}" for c, w in zip(cells, (24, 24, 20))))
