@@ -62,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename is None:  # a failed write() names no file (a full disk): name the one being written
+        if exc.errno is not None and exc.filename is None:  # a failed write() (a full disk) names no file: name it
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     finally:
