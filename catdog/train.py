@@ -89,12 +89,12 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, channels_last: 
         predictions = logits.argmax(dim=1)
         mean_softmax = (logits.softmax(1) + flipped.softmax(1)) / 2
         predictions_tta = mean_softmax.argmax(dim=1)
-        predictions, predictions_tta, labels, mean_softmax, indices = accelerator.gather_for_metrics(
-            (predictions, predictions_tta, labels, mean_softmax, indices.to(labels.device)))
+        predictions, predictions_tta, labels = accelerator.gather_for_metrics((predictions, predictions_tta, labels))
         correct += (predictions == labels).sum()
         correct_tta += (predictions_tta == labels).sum()
         total += labels.numel()
-        if per_image:
+        if per_image:  # only the final val pass: the per-epoch test passes gather no more than they count
+            mean_softmax, indices = accelerator.gather_for_metrics((mean_softmax, indices.to(labels.device)))
             kept["indices"].append(indices.cpu())
             kept["probabilities"].append(mean_softmax.cpu())
             kept["predicted"].append((predictions_tta if tta_hflip else predictions).cpu())
