@@ -13,8 +13,11 @@ FAULTS = """
 import json, resource, sys, torch
 from catdog.devices import keep_freed_memory
 tuned = sys.argv[1] == "tuned" and keep_freed_memory()
-for _ in range(8):  # the heap grows a few times (1 to 5 seen) before its free chunks fit: warm it up
-    torch.ones(64 * 2**20, dtype=torch.uint8)
+for _ in range(30):  # the heap grows a few times (1 to 5 seen) before its free chunks fit: warm it up until one fits
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, freed at once
+    if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1_000:
+        break
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, freed at once

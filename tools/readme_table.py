@@ -1,7 +1,7 @@
 """The README's result table, from the runs' own files, so that it can be regenerated and checked.
 
     python tools/readme_table.py runs/ref/efficientnet_lite2 runs/ref/mobilenetv2_100                 # print it
-    python tools/readme_table.py --check README.md runs/ref/efficientnet_lite2 runs/ref/mobilenetv2_100
+    python tools/readme_table.py --check README.md runs/efficientnet_lite0 runs/ref/efficientnet_lite2 runs/ref/mobilenetv2_100
 
 A row per run, from its summary.json: the model; best-epoch test and val accuracy (with hflip TTA where the run
 evaluated with it); the linear probe's test / val; the training steps' minutes and images/s (``train_seconds``,
