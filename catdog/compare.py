@@ -15,7 +15,11 @@ montage per pair and ``cam_style.png``.
   game against ``DATA/masks/<split>/<class>/<file stem>.png`` (non-zero = object) where such masks exist; between two
   models, per image: Spearman's rank correlation and the IoU of their top ``compare.top_fraction`` regions.
 - Features: linear CKA (Kornblith et al., 2019) of the pooled val features against a row-shuffled baseline, and a
-  logistic regression on both models' features concatenated against each model's alone.
+  logistic regression on both models' features concatenated against each model's alone. Both stores are streamed
+  block by block with rows matched by row id (``aligned_blocks``), so memory stays flat in the number of images: the
+  CKA comes from float64 F x F moments, the baseline's mean in closed form (``CrossMoments.shuffled_cka_mean``), its
+  spread and the regressions' fits from bounded samples (``compare.cka_sample_rows``,
+  ``compare.regression_sample_rows``).
 
 The slow parts are kept in ``OUT/compare/parts/`` with what they were computed from (each run's val predictions,
 keyed by its checkpoint's sha256; each pair's results), so a rerun after a kill recomputes nothing finished.
@@ -29,15 +33,18 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import h5py
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy.stats import binomtest, entropy
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils import resample
 from torch.utils.data import DataLoader, Subset
 
 from catdog import models
@@ -47,13 +54,13 @@ from catdog.config import CompareConfig, Config, save_config
 from catdog.data import find_classes
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, file_sha256, read_json, write_json
+from catdog.io import atomic_path, file_sha256, open_text, printable_path, read_json, write_json
 from catdog.predict import PROBABILITY_PREFIX, predict, resolve_precision
 from catdog.probe import REGULARISATION
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 from catdog.splits import open_split
-from catdog.store import FeatureStore
+from catdog.store import FeatureStore, decode_paths
 
 log = logging.getLogger(__name__)
 
@@ -132,35 +139,95 @@ def top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
     return (top_a & top_b).sum(axis=(1, 2)) / (top_a | top_b).sum(axis=(1, 2))
 
 
-def _centred_gram(features: np.ndarray) -> np.ndarray:
-    """The linear kernel of the centred features, (n, n): itself centred, and cheap to permute."""
-    centred = np.asarray(features, dtype=np.float64)
-    centred = centred - centred.mean(axis=0)
-    return centred @ centred.T
+BLOCK_ROWS = 4096
+"""Rows of a split read from each store at a time (blocks are also cut at either store's shard boundaries): with the
+features x features moments, what bounds the comparison's memory whatever the number of images."""
 
 
-def _cka(gram_a: np.ndarray, gram_b: np.ndarray) -> float:
-    norm = np.sqrt((gram_a * gram_a).sum() * (gram_b * gram_b).sum())
-    return float((gram_a * gram_b).sum() / norm) if norm > 0 else 0.0
+def _cka(aa: np.ndarray, bb: np.ndarray, ab: np.ndarray) -> float:
+    """Linear CKA from the centred cross-products Ac^T Ac, Bc^T Bc and Ac^T Bc; 0 when either side is constant."""
+    norm = np.linalg.norm(aa) * np.linalg.norm(bb)
+    return float(np.square(ab).sum() / norm) if norm > 0 else 0.0
+
+
+class CrossMoments:
+    """Two representations of the same images, (n, Fa) and (n, Fb), summed block by block in float64: the column
+    sums and A^T A, B^T B, A^T B, from which the centred cross-products follow in closed form, in O(F^2) memory
+    whatever n. Each side is shifted by its first block's column means before summing (centring ignores a shift),
+    so that centring at the end does not subtract large, nearly equal numbers."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add a block of rows (row i of ``a`` and of ``b``: the same image)."""
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if len(a) != len(b):
+            raise ValueError(f"CrossMoments.update: {len(a)} rows of a, {len(b)} of b")
+        if not len(a):
+            return
+        if self.rows == 0:
+            self.shift_a, self.shift_b = a.mean(axis=0), b.mean(axis=0)
+            self.sum_a, self.sum_b = np.zeros(a.shape[1]), np.zeros(b.shape[1])
+            self.aa, self.bb = np.zeros((a.shape[1],) * 2), np.zeros((b.shape[1],) * 2)
+            self.ab = np.zeros((a.shape[1], b.shape[1]))
+        a, b = a - self.shift_a, b - self.shift_b
+        self.rows += len(a)
+        self.sum_a += a.sum(axis=0)
+        self.sum_b += b.sum(axis=0)
+        self.aa += a.T @ a
+        self.bb += b.T @ b
+        self.ab += a.T @ b
+
+    def centred(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ac^T Ac, Bc^T Bc and Ac^T Bc of the column-centred features: X^T Y - (sum x)(sum y)^T / n."""
+        n = self.rows
+        return (self.aa - np.outer(self.sum_a, self.sum_a) / n, self.bb - np.outer(self.sum_b, self.sum_b) / n,
+                self.ab - np.outer(self.sum_a, self.sum_b) / n)
+
+    def cka(self) -> float:
+        """Linear CKA (Kornblith et al., 2019): ``||Bc^T Ac||_F^2 / (||Ac^T Ac||_F ||Bc^T Bc||_F)``, equal to the
+        Gram form ``tr(K L) / (||K||_F ||L||_F)`` with ``K = Ac Ac^T``, ``L = Bc Bc^T``."""
+        return _cka(*self.centred())
+
+    def shuffled_cka_mean(self) -> float:
+        """The mean CKA over every permutation of b's rows, exactly: ``tr K tr L / ((n - 1) ||K||_F ||L||_F)``.
+
+        A permutation P leaves the norms alone and turns ``tr(K L)`` into ``sum_ij K_ij L_p(i)p(j)``. K and L are
+        centred (every row and column sums to 0), so for a uniform random P, ``E[L_p(i)p(i)] = tr L / n`` and, for
+        i != j, ``E[L_p(i)p(j)] = (sum L - tr L) / (n (n - 1)) = -tr L / (n (n - 1))``; with ``sum_{i != j} K_ij =
+        -tr K`` that sums to ``tr K tr L / n + tr K tr L / (n (n - 1)) = tr K tr L / (n - 1)``, and
+        ``tr K = tr(Ac^T Ac)``."""
+        aa, bb, _ = self.centred()
+        norm = np.linalg.norm(aa) * np.linalg.norm(bb)
+        return float(np.trace(aa) * np.trace(bb) / ((self.rows - 1) * norm)) if norm > 0 and self.rows > 1 else 0.0
+
+
+def cross_moments(a: np.ndarray, b: np.ndarray) -> CrossMoments:
+    """The moments of two in-memory representations of the same images, summed ``BLOCK_ROWS`` rows at a time."""
+    moments = CrossMoments()
+    for start in range(0, len(a), BLOCK_ROWS):
+        moments.update(a[start:start + BLOCK_ROWS], b[start:start + BLOCK_ROWS])
+    return moments
 
 
 def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
-    """Linear CKA (Kornblith et al., 2019) between two representations of the same n images, (n, Da) and (n, Db):
-    ``||Bc^T Ac||_F^2 / (||Ac^T Ac||_F ||Bc^T Bc||_F)`` on column-centred features, computed from the (n, n) Gram
-    matrices. 1 for identical features; unchanged by rotating or uniformly scaling either."""
-    return _cka(_centred_gram(a), _centred_gram(b))
+    """Linear CKA between two representations of the same n images, (n, Da) and (n, Db) (``CrossMoments.cka``).
+    1 for identical features; unchanged by rotating, uniformly scaling or shifting either."""
+    return cross_moments(a, b).cka()
 
 
-def shuffled_cka(a: np.ndarray, b: np.ndarray, shuffles: int, seed: int) -> dict:
-    """The CKA baseline: mean and std of ``linear_cka(a, b)`` after ``shuffles`` seeded shuffles of b's rows (the
-    images no longer match, the feature spectra stay): what CKA reads when the two do not relate."""
-    gram_a, gram_b = _centred_gram(a), _centred_gram(b)
+def shuffled_cka_spread(a: np.ndarray, b: np.ndarray, shuffles: int, seed: int) -> dict:
+    """The CKA after each of ``shuffles`` seeded shuffles of b's rows (the images no longer match, the feature
+    spectra stay): their mean and std, and the rows. It holds the rows in float64 and costs rows x Da x Db per
+    shuffle: give it a bounded sample (``compare.cka_sample_rows``). The null's spread shrinks as rows grow (about
+    as 1 / rows, like its mean), so the std of a sample smaller than the split overstates the split's."""
+    a = np.asarray(a, dtype=np.float64) - np.mean(a, axis=0)
+    b = np.asarray(b, dtype=np.float64) - np.mean(b, axis=0)
+    aa, bb = a.T @ a, b.T @ b
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(shuffles):
-        order = rng.permutation(len(gram_b))
-        values.append(_cka(gram_a, gram_b[np.ix_(order, order)]))
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "shuffles": shuffles}
+    values = [_cka(aa, bb, a.T @ b[rng.permutation(len(b))]) for _ in range(shuffles)]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "rows": int(len(a)), "shuffles": shuffles}
 
 
 def mcnemar_p(a_only_right: int, b_only_right: int) -> float:
@@ -180,20 +247,61 @@ def agreement_counts(labels: np.ndarray, predicted_a: np.ndarray, predicted_b: n
             "mcnemar_test": MCNEMAR_TEST}
 
 
-def logistic_regression(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                        val: tuple[np.ndarray, np.ndarray], seed: int, bar=None) -> dict:
-    """Val accuracy of a logistic regression fitted on train, with ``C`` (``catdog.probe.REGULARISATION``) chosen on
-    test as the linear probe chooses it. The features are standardised (a scaler fitted on train): two models'
-    features differ in scale, and unscaled, their concatenation would favour the model with the larger ones."""
-    candidates = []
-    for c in REGULARISATION:
-        classifier = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
-        classifier.fit(*train)
-        candidates.append((classifier.score(*test), c, classifier))
-        if bar is not None:
-            bar.update(1)
-    _, c, classifier = max(candidates, key=lambda item: (item[0], -item[1]))  # ties: the stronger regularisation
-    return {"accuracy": float(classifier.score(*val)), "C": c}
+FEATURE_SETS = {"a": lambda a, b: a, "b": lambda a, b: b, "concatenated": lambda a, b: np.hstack([a, b])}
+"""What each logistic regression reads from a block of both models' features (rows matched)."""
+
+
+def stratified_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``limit`` rows (every row when there are no more), each class in its share: a seeded
+    ``sklearn.utils.resample`` stratified by label (a class too rare for one row at this share may get none)."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    return np.sort(resample(np.arange(len(labels)), replace=False, n_samples=limit, stratify=labels,
+                            random_state=seed))
+
+
+def fit_regressions(a: np.ndarray, b: np.ndarray, labels: np.ndarray, seed: int, bar=None
+                    ) -> dict[str, list[tuple[float, Pipeline]]]:
+    """Per feature set (``FEATURE_SETS``), a logistic regression for each ``C`` of ``catdog.probe.REGULARISATION``,
+    fitted on the rows given. The features are standardised (a scaler fitted on the same rows): two models' features
+    differ in scale, and unscaled, their concatenation would favour the model with the larger ones."""
+    fitted = {}
+    for key, pick in FEATURE_SETS.items():
+        fitted[key] = []
+        for c in REGULARISATION:
+            classifier = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
+            fitted[key].append((c, classifier.fit(pick(a, b), labels)))
+            if bar is not None:
+                bar.update(1)
+    return fitted
+
+
+class RegressionScores:
+    """How many rows of a split each fitted regression gets right, counted block by block (the split streamed)."""
+
+    def __init__(self, fitted: dict[str, list[tuple[float, Pipeline]]]):
+        self.fitted = fitted
+        self.correct = {key: np.zeros(len(candidates), dtype=np.int64) for key, candidates in fitted.items()}
+        self.rows = 0
+
+    def update(self, a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> None:
+        for key, candidates in self.fitted.items():
+            features = FEATURE_SETS[key](a, b)
+            self.correct[key] += [int((classifier.predict(features) == labels).sum()) for _, classifier in candidates]
+        self.rows += len(labels)
+
+    def accuracy(self, key: str) -> np.ndarray:
+        return self.correct[key] / max(self.rows, 1)
+
+
+def chosen_regressions(test: RegressionScores, val: RegressionScores) -> dict:
+    """Per feature set, the val accuracy of the regression whose ``C`` scored best on test, as the linear probe
+    chooses it (ties: the stronger regularisation), and that ``C``."""
+    accuracy, chosen = {}, {}
+    for key, candidates in test.fitted.items():
+        best = max(range(len(candidates)), key=lambda i: (test.accuracy(key)[i], -candidates[i][0]))
+        accuracy[key], chosen[key] = float(val.accuracy(key)[best]), candidates[best][0]
+    return {**accuracy, "C": chosen}
 
 
 def pair_sentence(a: dict, b: dict, pair: dict, top_fraction: float) -> str:
@@ -336,13 +444,9 @@ def check_inputs(run_paths: list[str | os.PathLike], data_root: Path, out: Path,
             raise CatdogError(f"{maps_file}: missing (named by {gradcam_path}); run {command}")
         inputs.append(RunInputs(name, run, summary, run.config(), sha, store, entry,
                                 np.load(maps_file).astype(np.float32), maps_file))
-    for split in FEATURE_SPLITS:
-        images = sorted(inputs[0].store.paths(split))
-        other = next((item for item in inputs[1:] if sorted(item.store.paths(split)) != images), None)
-        if other is not None:
-            raise CatdogError(f"feature stores {inputs[0].store.path} and {other.store.path} hold different {split} "
-                              f"images; extract both from {data_root} (accelerate launch jobs/extract.py --run RUN "
-                              f"--data {data_root} --overwrite)")
+    for split, other in itertools.product(FEATURE_SPLITS, inputs[1:]):
+        for _ in aligned_blocks(inputs[0].store, other.store, split, features=False):
+            pass  # each block's paths checked, a block at a time
     return inputs, gradcam, method
 
 
@@ -369,7 +473,9 @@ def val_predictions(item: RunInputs, data_root: Path, parts: Path) -> dict:
     """The run's val predictions: the ones training wrote with its own val evaluation (``RunDir.val_predictions_path``),
     or, for a run trained before it wrote them, ``catdog.predict.predict`` on ``DATA/val`` as a labelled folder (it
     evaluates as training did), kept in ``parts/`` with their identity, which is written last. Returns ``paths``
-    (relative to the data root), ``labels``, ``predicted``, ``probabilities`` (N, classes) and ``accuracy``."""
+    (relative to the data root), ``labels``, ``predicted``, ``probability`` (of the predicted class) and
+    ``accuracy``. The file is read a row at a time and only these are kept (a path and three numbers an image, never
+    the N x classes probabilities): ``disagreement`` joins two runs' predictions by path."""
     csv_path = item.run.val_predictions_path
     if not csv_path.is_file():
         folder = parts / f"predictions-{_file_name(item.name)}-{item.checkpoint_sha256[:12]}"
@@ -381,14 +487,16 @@ def val_predictions(item: RunInputs, data_root: Path, parts: Path) -> dict:
             predict(item.run.path, folder, labelled=data_root / SPLIT)
             write_json(identity_path, identity)
         csv_path = folder / "predictions.csv"
-    classes = item.summary["classes"]
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = np.array([classes.index(row["label"]) for row in rows], dtype=int)
-    predicted = np.array([classes.index(row["predicted"]) for row in rows], dtype=int)
-    return {"paths": [f"{SPLIT}/{'/'.join(Path(row['path']).parts[-2:])}" for row in rows],  # val/<class>/<file>
-            "labels": labels, "predicted": predicted,
-            "probabilities": np.array([[float(row[PROBABILITY_PREFIX + name]) for name in classes] for row in rows]),
+    index = {name: i for i, name in enumerate(item.summary["classes"])}
+    paths, labels, predicted, probability = [], [], [], []
+    with open_text(csv_path) as handle:
+        for row in csv.DictReader(handle):
+            paths.append(f"{SPLIT}/{'/'.join(Path(row['path']).parts[-2:])}")  # val/<class>/<file>
+            labels.append(index[row["label"]])
+            predicted.append(index[row["predicted"]])
+            probability.append(float(row[PROBABILITY_PREFIX + row["predicted"]]))
+    labels, predicted = np.array(labels, dtype=int), np.array(predicted, dtype=int)
+    return {"paths": paths, "labels": labels, "predicted": predicted, "probability": np.array(probability),
             "accuracy": float((labels == predicted).mean())}
 
 
@@ -432,33 +540,103 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _aligned(store_a: FeatureStore, store_b: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Both stores' features of a split with rows matched by image path (a's order), and the labels (the stores
-    hold the same images: ``check_inputs``)."""
-    where = {path: row for row, path in enumerate(store_b.paths(split))}
-    order = [where[path] for path in store_a.paths(split)]
-    return store_a.features(split), store_b.features(split)[order], store_a.labels(split)
+def _block_cuts(store_a: FeatureStore, store_b: FeatureStore, split: str) -> np.ndarray:
+    """The first row of every block both stores are read in, and the split's row count last: each store's shard
+    starts, and every ``BLOCK_ROWS`` rows between them."""
+    rows = store_a.num_rows(split)
+    if store_b.num_rows(split) != rows:
+        raise CatdogError(f"feature stores {store_a.path} and {store_b.path} hold {rows} and "
+                          f"{store_b.num_rows(split)} {split} images; extract both from the same data root "
+                          "(accelerate launch jobs/extract.py --run RUN --data DATA_ROOT --overwrite)")
+    starts = [info.first_row for store in (store_a, store_b) for info in store.shard_infos(split)]
+    return np.unique(np.concatenate([starts, np.arange(0, rows, BLOCK_ROWS), [rows]])).astype(np.int64)
+
+
+def _store_blocks(store: FeatureStore, split: str, cuts: np.ndarray, fields: tuple[str, ...]) -> Iterator[dict]:
+    """One store's rows between consecutive ``cuts`` (which hold its shard starts), each shard opened once."""
+    for info in store.shard_infos(split):
+        first, last = np.searchsorted(cuts, [info.first_row, info.first_row + info.rows])
+        with h5py.File(store.path / info.file, "r") as f:
+            for start, stop in zip(cuts[first:last], cuts[first + 1:last + 1]):
+                yield {field: f[field][start - info.first_row:stop - info.first_row] for field in fields}
+
+
+def aligned_blocks(store_a: FeatureStore, store_b: FeatureStore, split: str, features: bool = True
+                   ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray]]:
+    """Both stores' rows of a split in row order, ``BLOCK_ROWS`` at most at a time and cut at either store's shard
+    boundaries (so stores of different shard sizes line up): ``(first row, a's features, b's features, labels)``.
+    A row id is the image's place in its split's listing (sorted class, then file name), so two stores of the same
+    images hold them at the same rows; each block's paths are checked to be the same in both, so that nothing needs
+    all rows of either store."""
+    cuts = _block_cuts(store_a, store_b, split)
+    fields = ("paths", "labels", "features") if features else ("paths", "labels")
+    blocks = zip(cuts[:-1], _store_blocks(store_a, split, cuts, fields), _store_blocks(store_b, split, cuts, fields))
+    for start, block_a, block_b in blocks:
+        paths_a, paths_b = decode_paths(block_a["paths"]), decode_paths(block_b["paths"])
+        if paths_a != paths_b:
+            row = next(i for i, (x, y) in enumerate(zip(paths_a, paths_b)) if x != y)
+            raise CatdogError(f"feature stores {store_a.path} and {store_b.path} hold different {split} images "
+                              f"(row {start + row}: {paths_a[row]} vs {paths_b[row]}); extract both from the same "
+                              "data root (accelerate launch jobs/extract.py --run RUN --data DATA_ROOT --overwrite)")
+        yield int(start), block_a.get("features"), block_b.get("features"), block_a["labels"]
+
+
+class RowSample:
+    """The chosen rows of both stores' features and their labels, gathered while a split streams past."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        """Sorted, distinct row ids."""
+        self.a = self.b = None
+        self.labels = np.empty(len(self.rows), dtype=np.int64)
+
+    def update(self, first: int, a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> None:
+        """Keep the chosen rows of a block that starts at row ``first``."""
+        if self.a is None:
+            self.a = np.empty((len(self.rows), a.shape[1]), dtype=a.dtype)
+            self.b = np.empty((len(self.rows), b.shape[1]), dtype=b.dtype)
+        low, high = np.searchsorted(self.rows, [first, first + len(labels)])
+        inside = self.rows[low:high] - first
+        self.a[low:high], self.b[low:high], self.labels[low:high] = a[inside], b[inside], labels[inside]
 
 
 def feature_comparison(a: RunInputs, b: RunInputs, cfg: CompareConfig, bar) -> dict:
-    """CKA of the val features against its shuffled baseline; logistic regressions on each and on both."""
-    splits = {split: _aligned(a.store, b.store, split) for split in FEATURE_SPLITS}
-    val_a, val_b, _ = splits[SPLIT]
-    cka, baseline = linear_cka(val_a, val_b), shuffled_cka(val_a, val_b, cfg.cka_shuffles, cfg.seed)
+    """CKA of the val features against its shuffled baseline; logistic regressions on each and on both. Every split
+    is streamed (``aligned_blocks``): the CKA from the F x F moments of every val row, the baseline's mean in closed
+    form over every row and its spread from ``compare.cka_shuffles`` shuffles of ``compare.cka_sample_rows`` seeded
+    val rows; the regressions fitted on ``compare.regression_sample_rows`` train rows (stratified, what bounds the fit's
+    memory and time; only train's labels, 8 bytes a row, are read whole to stratify), and test and val scored in
+    full."""
+    store_a, store_b = a.store, b.store
+    train = RowSample(stratified_rows(store_a.labels("train"), cfg.regression_sample_rows, cfg.seed))
+    for first, block_a, block_b, labels in aligned_blocks(store_a, store_b, "train"):
+        train.update(first, block_a, block_b, labels)
+    fitted = fit_regressions(train.a, train.b, train.labels, cfg.seed, bar)
+    test = RegressionScores(fitted)
+    for _, block_a, block_b, labels in aligned_blocks(store_a, store_b, "test"):
+        test.update(block_a, block_b, labels)
+
+    images = store_a.num_rows(SPLIT)
+    moments, val = CrossMoments(), RegressionScores(fitted)
+    sample = RowSample(np.sort(np.random.default_rng(cfg.seed).choice(images, min(images, cfg.cka_sample_rows),
+                                                                      replace=False)))
+    for first, block_a, block_b, labels in aligned_blocks(store_a, store_b, SPLIT):
+        moments.update(block_a, block_b)
+        sample.update(first, block_a, block_b, labels)
+        val.update(block_a, block_b, labels)
+    spread = shuffled_cka_spread(sample.a, sample.b, cfg.cka_shuffles, cfg.seed)
     bar.update(1)
-    scores = {}
-    for key, pick in (("a", lambda x, y: x), ("b", lambda x, y: y), ("concatenated", lambda x, y: np.hstack([x, y]))):
-        train, test, val = ((pick(x, y), labels) for x, y, labels in (splits[s] for s in FEATURE_SPLITS))
-        scores[key] = logistic_regression(train, test, val, cfg.seed, bar)
-    return {"images": int(len(val_a)), "cka": cka, "cka_shuffled": baseline,
-            "logistic_regression": {**{key: score["accuracy"] for key, score in scores.items()},
-                                    "C": {key: score["C"] for key, score in scores.items()},
-                                    "fit_split": "train", "chosen_on": "test", "scored_on": SPLIT}}
+    return {"images": images, "cka": moments.cka(),
+            "cka_shuffled": {"mean": moments.shuffled_cka_mean(), "std": spread["std"],
+                             "shuffles": cfg.cka_shuffles, "std_rows": spread["rows"]},
+            "logistic_regression": {**chosen_regressions(test, val), "fit_split": "train",
+                                    "fit_rows": int(len(train.rows)), "chosen_on": "test", "scored_on": SPLIT}}
 
 
 def disagreement(pa: dict, pb: dict, classes: list[str], count: int, seed: int) -> dict:
     """Agreement counts on the images both runs predicted (a's order), and as examples up to ``count`` of those
-    they predict apart (a seeded sample, in listing order) with each run's prediction and its probability."""
+    they predict apart (a seeded sample, in listing order) with each run's prediction and its probability. The join
+    by path indexes b's val paths: O(N) strings, the same order as the predictions themselves."""
     rows_b = {path: row for row, path in enumerate(pb["paths"])}
     shared = [row for row, path in enumerate(pa["paths"]) if path in rows_b]
     pairs = [(row, rows_b[pa["paths"][row]]) for row in shared]
@@ -470,7 +648,7 @@ def disagreement(pa: dict, pb: dict, classes: list[str], count: int, seed: int) 
         row_a, row_b = pairs[apart[pick]]
         examples.append({"image": pa["paths"][row_a], "label": classes[pa["labels"][row_a]],
                          **{key: {"predicted": classes[found["predicted"][row]],
-                                  "probability": float(found["probabilities"][row, found["predicted"][row]])}
+                                  "probability": float(found["probability"][row])}
                             for key, found, row in (("a", pa, row_a), ("b", pb, row_b))}})
     return {**agreement_counts(pa["labels"][shared], predicted_a, predicted_b), "examples": examples}
 
@@ -496,7 +674,7 @@ def true_class_maps(item: RunInputs, data_root: Path, images: list[str], method:
 def draw_montage(rows: list[dict], columns: list[dict], data_root: Path, path: Path) -> None:
     """The disagreements: per row the photo, then each model's map titled with its prediction (``cam.draw_grid``)."""
     photos = [display_photo(data_root / row["image"]) for row in rows]
-    draw_grid(photos, [f"{row['label']}: {Path(row['image']).name}" for row in rows], columns, path)
+    draw_grid(photos, [f"{row['label']}: {printable_path(Path(row['image']).name)}" for row in rows], columns, path)
 
 
 def draw_cam_style(runs: list[dict], per_run: list[dict[str, np.ndarray]], path: Path) -> None:

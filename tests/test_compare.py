@@ -2,24 +2,32 @@
 different families through training, extraction, Grad-CAM and ``jobs/compare.py``."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from catdog.cam import MAP_SIZE, gradcam, spearman
-from catdog.compare import (agreement_counts, area_above_half_max, cam_style, completed_summary, disagreement,
-                            linear_cka, mcnemar_p, normalised_entropy, object_masks, peak, pointing_hits, run_names,
-                            shuffled_cka, stats, top_iou, top_region)
+from catdog import compare as compare_module
+from catdog.compare import (CrossMoments, agreement_counts, aligned_blocks, area_above_half_max, cam_style,
+                            completed_summary, disagreement, feature_comparison, linear_cka, mcnemar_p,
+                            normalised_entropy, object_masks, peak, pointing_hits, run_names, shuffled_cka_spread,
+                            stats, stratified_rows, top_iou, top_region)
+from catdog.config import CompareConfig
+from catdog.errors import CatdogError
 from catdog.extract import extract
 from catdog.io import read_json, write_json
 from catdog.run import RunDir
+from catdog.store import FeatureStore
 from catdog.train import train
 from conftest import make_image_folder, run_script, tiny_config
+from synthetic_store import write_store
 
 STATS_KEYS = {"n", "mean", "std", "median", "q25", "q75"}
 
@@ -141,12 +149,119 @@ def test_cka_is_one_for_identical_features_and_ignores_rotation_and_scale():
     assert linear_cka(0.01 * a + 3.0, b) == pytest.approx(value, rel=1e-9)  # isotropic scale and a shift
 
 
-def test_shuffled_cka_is_a_low_baseline():
-    a, b = related_features()
-    baseline = shuffled_cka(a, b, shuffles=10, seed=0)
-    assert baseline["shuffles"] == 10 and 0 < baseline["std"] < 0.1
-    assert baseline["mean"] < 0.2 < linear_cka(a, b)
-    assert shuffled_cka(a, b, shuffles=10, seed=0) == baseline
+def gram_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """The (n, n) Gram form the streamed CKA replaces: tr(K L) / (||K||_F ||L||_F) on centred features."""
+    k, el = ((x - x.mean(axis=0)) @ (x - x.mean(axis=0)).T for x in (a, b))
+    return float((k * el).sum() / np.sqrt((k * k).sum() * (el * el).sum()))
+
+
+def moments_in_blocks(a: np.ndarray, b: np.ndarray, sizes: list[int]) -> CrossMoments:
+    moments, start = CrossMoments(), 0
+    for size in sizes:
+        moments.update(a[start:start + size], b[start:start + size])
+        start += size
+    assert start == len(a)
+    return moments
+
+
+def test_streamed_cka_equals_the_gram_form():
+    a, b = related_features(n=300)
+    a = a + 1e3  # a large mean: centring from streamed sums must not lose it
+    expected = gram_cka(a, b)
+    assert 0.3 < expected < 0.99
+    assert linear_cka(a, b) == pytest.approx(expected, rel=1e-9)
+    assert moments_in_blocks(a, b, [1, 7, 100, 192]).cka() == pytest.approx(expected, rel=1e-9)
+    assert moments_in_blocks(a, a, [150, 150]).cka() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_the_shuffled_mean_in_closed_form_is_the_mean_over_every_permutation():
+    a, b = related_features(n=6)
+    every = [gram_cka(a, b[list(order)]) for order in itertools.permutations(range(6))]
+    assert len(every) == 720 and np.std(every) > 0.01
+    assert moments_in_blocks(a, b, [2, 4]).shuffled_cka_mean() == pytest.approx(np.mean(every), rel=1e-9)
+
+
+def test_the_shuffled_mean_in_closed_form_agrees_with_monte_carlo_and_is_a_low_baseline():
+    a, b = related_features(n=200)
+    closed = CrossMoments()
+    closed.update(a, b)
+    spread = shuffled_cka_spread(a, b, shuffles=2000, seed=0)
+    assert spread["rows"] == 200 and spread["shuffles"] == 2000 and 0 < spread["std"] < 0.1
+    standard_error = spread["std"] / math.sqrt(spread["shuffles"])
+    assert abs(spread["mean"] - closed.shuffled_cka_mean()) < 5 * standard_error
+    assert closed.shuffled_cka_mean() < 0.2 < closed.cka()
+    assert shuffled_cka_spread(a, b, shuffles=10, seed=0) == shuffled_cka_spread(a, b, shuffles=10, seed=0)
+
+
+def test_stratified_rows_keep_each_class_share_within_the_limit():
+    labels = np.repeat([0, 1, 2], [900, 90, 10])
+    rows = stratified_rows(labels, 100, seed=0)
+    assert len(rows) == 100 and np.all(np.diff(rows) > 0)
+    assert np.bincount(labels[rows]).tolist() == [90, 9, 1]
+    assert stratified_rows(labels[:50], 100, seed=0).tolist() == list(range(50))
+
+
+def two_stores(top: Path, shard_sizes: tuple[int, int], n: dict[str, int], seed: int = 0):
+    """Two synthetic stores of the same images (a: 6 features, b: 9, related), sharded differently."""
+    rng = np.random.default_rng(seed)
+    splits_a, splits_b = {}, {}
+    for split, rows in n.items():
+        labels = np.arange(rows) % 2
+        a = rng.normal(size=(rows, 6)) + 2.0 * labels[:, None]
+        b = np.tanh(a @ rng.normal(size=(6, 9))) + 0.3 * rng.normal(size=(rows, 9))
+        paths = np.array([f"{split}/{'cat' if y == 0 else 'dog'}/{i}.jpg" for i, y in enumerate(labels)])
+        splits_a[split] = {"features": a.astype(np.float32), "labels": labels, "paths": paths}
+        splits_b[split] = {"features": b.astype(np.float32), "labels": labels, "paths": paths}
+    return (FeatureStore(write_store(top / "a", splits_a, ["cat", "dog"], shard_sizes[0])),
+            FeatureStore(write_store(top / "b", splits_b, ["cat", "dog"], shard_sizes[1])), splits_a, splits_b)
+
+
+def test_rows_are_matched_across_stores_with_different_shard_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_module, "BLOCK_ROWS", 4)
+    store_a, store_b, splits_a, splits_b = two_stores(tmp_path, (3, 5), {"val": 23})
+    blocks = list(aligned_blocks(store_a, store_b, "val"))
+    assert max(len(labels) for *_, labels in blocks) <= 4
+    assert [first for first, *_ in blocks] == [0, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20, 21]
+    for index, key in ((1, "a"), (2, "b")):
+        expected = (splits_a if key == "a" else splits_b)["val"]["features"]
+        np.testing.assert_array_equal(np.concatenate([block[index] for block in blocks]), expected)
+    np.testing.assert_array_equal(np.concatenate([block[3] for block in blocks]), splits_a["val"]["labels"])
+
+    shuffled = {"val": {**splits_b["val"], "paths": splits_b["val"]["paths"][::-1]}}
+    other = FeatureStore(write_store(tmp_path / "other", shuffled, ["cat", "dog"], 5))
+    with pytest.raises(CatdogError, match="different val images"):
+        list(aligned_blocks(store_a, other, "val", features=False))
+    fewer = {"val": {key: value[:20] for key, value in splits_b["val"].items()}}
+    with pytest.raises(CatdogError, match="hold 23 and 20 val images"):
+        list(aligned_blocks(store_a, FeatureStore(write_store(tmp_path / "fewer", fewer, ["cat", "dog"], 5)), "val"))
+
+
+class Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, steps):
+        self.n += steps
+
+
+def test_feature_comparison_streams_the_stores_and_bounds_its_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_module, "BLOCK_ROWS", 16)
+    store_a, store_b, splits_a, splits_b = two_stores(tmp_path, (25, 40), {"train": 120, "test": 60, "val": 90})
+    val_a, val_b = splits_a["val"]["features"], splits_b["val"]["features"]
+    cfg = CompareConfig(cka_shuffles=5, cka_sample_rows=50, regression_sample_rows=40)
+    bar = Bar()
+    found = feature_comparison(SimpleNamespace(store=store_a), SimpleNamespace(store=store_b), cfg, bar)
+    assert bar.n == 1 + 3 * len(compare_module.REGULARISATION)
+    assert found["images"] == 90 and found["cka"] == pytest.approx(gram_cka(val_a, val_b), rel=1e-6)
+    baseline = found["cka_shuffled"]
+    assert baseline["mean"] == pytest.approx(compare_module.cross_moments(val_a, val_b).shuffled_cka_mean(), rel=1e-6)
+    assert baseline["shuffles"] == 5 and baseline["std_rows"] == 50 and baseline["std"] > 0
+    regression = found["logistic_regression"]
+    assert regression["fit_rows"] == 40 and (regression["fit_split"], regression["scored_on"]) == ("train", "val")
+    assert all(0.6 < regression[key] <= 1 for key in ("a", "b", "concatenated"))  # the classes are shifted apart
+    assert all(c in compare_module.REGULARISATION for c in regression["C"].values())
+    for key in ("a", "b", "concatenated"):  # accuracies over every val row: a multiple of 1/90
+        assert regression[key] * 90 == pytest.approx(round(regression[key] * 90), abs=1e-9)
 
 
 def test_mcnemar_on_known_counts():
@@ -166,11 +281,11 @@ def test_mcnemar_on_known_counts():
 def test_disagreement_matches_images_by_path_and_shows_where_predictions_differ():
     paths = ["val/cat/1.jpg", "val/cat/2.jpg", "val/dog/3.jpg", "val/dog/4.jpg"]
     pa = {"paths": paths, "labels": np.array([0, 0, 1, 1]), "predicted": np.array([0, 1, 1, 1]),
-          "probabilities": np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])}
+          "probability": np.array([0.9, 0.6, 0.8, 0.7])}
     # b listed in another order, with one image a could not read
     pb = {"paths": ["val/dog/4.jpg", "val/dog/3.jpg", "val/dog/5.jpg", "val/cat/2.jpg", "val/cat/1.jpg"],
           "labels": np.array([1, 1, 1, 0, 0]), "predicted": np.array([0, 1, 1, 0, 0]),
-          "probabilities": np.array([[0.55, 0.45], [0.1, 0.9], [0.3, 0.7], [0.8, 0.2], [0.7, 0.3]])}
+          "probability": np.array([0.55, 0.9, 0.7, 0.8, 0.7])}
     found = disagreement(pa, pb, ["cat", "dog"], count=5, seed=0)
     assert {k: found[k] for k in ("images", "both_right", "a_only_right", "b_only_right", "both_wrong",
                                   "predictions_differ")} == {"images": 4, "both_right": 2, "a_only_right": 1,
