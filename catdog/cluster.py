@@ -9,19 +9,35 @@ minute, then raises a traceback): an explicit address (``--address``, ``RAY_ADDR
 within ``CONNECT_TIMEOUT_S`` is a one-line ``CatdogError``; a cluster Ray merely *recorded* on this machine
 (``ray_current_cluster`` in Ray's temp folder, left behind when a ``ray start`` cluster dies without
 ``ray stop``) that does not answer is skipped with a one-line warning, and a fresh local Ray is started.
+
+Work over the feature store fans out by shards (``map_shards``), and one rule says how a shard reaches its task:
+**a task reads its shard from the run directory when its node sees that file** (at the driver's path, of the
+size and with the HDF5 signature the manifest records: ``shard_damage``); **a task on a node that does not is
+answered with the shard file's bytes through Ray's object store** (read by the driver, which always sees the run
+directory; a few shards ahead at most) and run again. Everything else a task needs (chosen features, NMF
+components, the trained network) is small and travels as task arguments. Each result records its node and how the
+shard was read (``file`` or ``object store``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import socket
 import time
-from typing import Iterator
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
+import h5py
 import ray
 
 from catdog.errors import CatdogError
+from catdog.progress import progress_bar
+from catdog.store import ShardInfo, shard_damage
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +179,99 @@ def node_name() -> str:
 
 def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+
+TASK_CPUS = 1
+"""CPUs each task asks Ray for (``num_cpus``); its numpy and scikit-learn threads are held to it too, and Ray sets
+``OMP_NUM_THREADS`` to it for torch."""
+
+
+def _located(fn):
+    """``fn`` with its threads held to ``TASK_CPUS``, returning its result and the node that computed it (IP address,
+    Ray node id)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(TASK_CPUS):
+            return fn(*args, **kwargs), (node_name(), node_id())
+    return run
+
+
+def remote_task(fn: Callable):
+    """``fn`` (a module-level function) as a Ray task of ``TASK_CPUS`` CPUs whose result is ``(fn's result, (node,
+    node id))``; rerun when its worker or node dies."""
+    return ray.remote(num_cpus=TASK_CPUS, max_retries=3)(_located(fn))
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One task of a fan-out over shards: ``fn(shard, *args)``, ``shard`` the open ``h5py.File`` of ``info`` in the
+    store at ``folder``. ``fn`` must be a module-level function (workers import it); ``args`` may be ObjectRefs."""
+
+    folder: str
+    info: ShardInfo
+    fn: Callable
+    args: tuple = ()
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / self.info.file
+
+
+def sees_shard(path: str | os.PathLike, info: ShardInfo) -> bool:
+    """Whether this node sees the shard the manifest lists at ``path`` (there, its size and HDF5 signature)."""
+    try:
+        return Path(path).is_file() and shard_damage(path, info) is None
+    except OSError:
+        return False
+
+
+def _run_shard(fn: Callable, path: str, info: ShardInfo, data: bytes | None, *args):
+    """A shard task's body: ``(seen, result, where)``; ``seen`` is False (and nothing ran) when ``data`` is None and
+    this node does not see ``path``."""
+    from threadpoolctl import threadpool_limits
+
+    where = {"node": node_name(), "node_id": node_id(), "read": "file" if data is None else "object store"}
+    if data is None and not sees_shard(path, info):
+        return False, None, where
+    with threadpool_limits(TASK_CPUS), h5py.File(path if data is None else io.BytesIO(data), "r") as shard:
+        return True, fn(shard, *args), where
+
+
+def map_shards(jobs: list[ShardJob], desc: str, use_ray: bool = True,
+               in_flight: int | None = None) -> Iterator[tuple[int, object, dict]]:
+    """Run every job, yielding ``(job index, result, where)`` as each finishes (any order); ``where``: the shard's
+    file and rows, the node (IP address and id) and how the shard was read (the module's rule).
+
+    With ``use_ray`` each job is a Ray task of ``TASK_CPUS`` CPUs (a Ray session must be open), at most ``in_flight``
+    at once (default: twice the cluster's CPUs), rerun when its worker or node dies; else they run here in turn."""
+    with progress_bar(total=len(jobs), desc=desc, unit="shard") as bar:
+        if not use_ray:
+            for i, job in enumerate(jobs):
+                with h5py.File(job.path, "r") as shard:
+                    result = job.fn(shard, *job.args)
+                bar.update()
+                yield i, result, {"file": job.info.file, "rows": job.info.rows, "node": "local", "node_id": None,
+                                  "read": "file"}
+            return
+        task = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(_run_shard)
+        in_flight = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        queue, pending = deque((i, None) for i in range(len(jobs))), {}
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                i, data = queue.popleft()
+                job = jobs[i]
+                pending[task.remote(job.fn, str(job.path), job.info, data, *job.args)] = i
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            seen, result, where = ray.get(done)
+            if not seen:  # that node does not see the run directory: send the shard's bytes
+                log.debug("%s: %s does not see %s; sending its bytes", desc, where["node"], jobs[i].path)
+                queue.appendleft((i, ray.put(jobs[i].path.read_bytes())))
+                continue
+            bar.update()
+            yield i, result, {"file": jobs[i].info.file, "rows": jobs[i].info.rows, **where}

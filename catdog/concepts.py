@@ -1,15 +1,17 @@
 """Concepts mined from the feature store, in the spirit of CRAFT (Fel et al., CVPR 2023).
 
-For each class, the non-negative spatial activations of its images in ``concepts.split`` (every spatial position
-of every image is a row of C channels) are factorised as ``A ~ U W`` with scikit-learn's ``MiniBatchNMF``:
-``W`` (k, C) holds k concept directions in channel space, ``U`` (positions, k) how strongly each position shows
-each concept. The maps are streamed from the HDF5 store ``batch_images`` images at a time (``partial_fit``,
-``passes`` times in a seeded order), so memory depends on the batch, never on the number of images.
+For each shown class (``catdog.classes.classes_shown``: at most ``figures.max_classes``, the most confused first),
+the non-negative spatial activations of its images in ``concepts.split`` (every spatial position of every image
+is a row of C channels) are factorised as ``A ~ U W`` with scikit-learn's ``MiniBatchNMF``: ``W`` (k, C) holds k
+concept directions in channel space, ``U`` (positions, k) how strongly each position shows each concept. The NMF
+is fitted on the class's **reservoir**: a seeded uniform sample of ``reservoir_images`` of its images (all of them
+when it has no more), so its time and memory do not grow with the number of images.
 
 Per concept:
 
 * **montage**: the ``images_per_concept`` images where the concept is strongest (each image's highest position),
-  each cropped to ``crop_cells`` x ``crop_cells`` cells around that position, with the concept's map overlaid;
+  over all the class's images, each cropped to ``crop_cells`` x ``crop_cells`` cells around that position, with the
+  concept's map overlaid;
 * **importance**: the mean drop of the class's logit, through the trained head, when the concept's part
   ``U[:, j] W[j]`` is removed from the spatial maps of the class's ``importance_split`` images before pooling
   (for average pooling: removed from the pooled features), against a **baseline**: the same removal, with the
@@ -18,49 +20,101 @@ Per concept:
 * its map on each Grad-CAM sample image of the class (``gradcam.images_per_class``, ``gradcam.seed``), beside
   that image's CAM (``gradcam.methods[0]``).
 
-Each (run, class) is one task (a Ray task when several are pending); its result is kept in
-``RUN/concepts/parts/`` with what it was computed from, so a rerun reuses finished classes. ``index.json`` is
-written last. Ray workers import this module, so torch and grad-cam are imported only where needed.
+The work fans out over the store's shards (``catdog.cluster.map_shards``: Ray tasks that read their own shard, or
+get its bytes where their node does not see the run directory); the driver only merges what they return:
+
+1. **sample**, a task per shard of ``split``: every row gets a seeded random key (a hash of ``seed`` and its row id);
+   per class a task returns its shard's ``reservoir_images`` smallest keys, and the smallest over all shards are the
+   reservoir (bottom-k sampling: exact whatever the order tasks finish in);
+2. **gather**, a task per shard holding reservoir rows: those rows' maps;
+3. **fit**, a Ray task per class: ``MiniBatchNMF.partial_fit`` on the reservoir, ``batch_images`` images at a time,
+   ``passes`` times, each pass in a seeded order;
+4. **measure**, a task per shard of ``split`` (each concept's top images, coefficient sum, reconstruction error) and
+   of ``importance_split`` (the importance sums); sums and top-k merge.
+
+Memory: the driver holds the reservoirs of the classes it computes (classes x ``reservoir_images`` x C x h x w,
+float16 as stored) until the fit tasks take them, and the merged sums; a task holds one shard's labels and
+``batch_images`` maps. Nothing grows with the number of images. Each (run, class) result is kept in
+``RUN/concepts/parts/`` with what it was computed from, so a rerun reuses finished classes; ``index.json`` is written
+last, with the tasks each node ran (``nodes``). Ray workers import this module, so torch and grad-cam are imported
+only where needed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from catdog.classes import classes_shown
+from catdog.cluster import ShardJob, map_shards, ray_session, remote_task
 from catdog.config import Config, ConceptsConfig, save_config
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, file_sha256, read_json, write_json
+from catdog.io import atomic_path, file_sha256, printable_path, read_json, write_json
 from catdog.progress import progress_bar
 from catdog.run import RunDir
-from catdog.store import FeatureStore, load_store_image, require_maps_and_images
-from catdog.topact import empty_topk, update_topk
+from catdog.store import FeatureStore, decode_paths, load_store_image, require_maps_and_images
+from catdog.topact import TopK, empty_topk, merge_topk, update_topk
 
 log = logging.getLogger(__name__)
 
 OVERLAY_COLORMAP = "jet"
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def class_rows(store: FeatureStore, split: str, label: int) -> np.ndarray:
-    """Row ids of one class's images in a split, ascending."""
-    return store.row_ids(split)[store.labels(split) == label]
+# ---------------------------------------------------------------------------------------------------- the reservoir
+
+def reservoir_keys(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random key in [0, 1) per row id (splitmix64 of the seed and the row): the same on every node."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(rows, dtype=np.int64).astype(np.uint64) + np.uint64(seed % 2**64) * _GOLDEN + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def iter_maps(store: FeatureStore, split: str, rows: np.ndarray, batch_images: int):
-    """``(rows, maps)`` batches of float32 (B, C, h, w) spatial maps, ``batch_images`` at a time, in the order
-    given; only one batch is in memory."""
-    for start in range(0, len(rows), batch_images):
-        chosen = rows[start:start + batch_images]
-        yield chosen, store.spatial(split, chosen).astype(np.float32)
+Sample = dict[int, tuple[np.ndarray, np.ndarray]]
+"""Per class label, a bottom-k sample: ``(keys, row ids)``, smallest key first."""
 
+
+def _smallest(keys: np.ndarray, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((rows, keys))[:size]
+    return keys[order], rows[order]
+
+
+def sample_shard(shard, labels: list[int], size: int, seed: int) -> Sample:
+    """A sample task: per class label, the shard's ``size`` rows of smallest ``reservoir_keys``."""
+    found, rows = shard["labels"][:], shard["row_ids"][:]
+    keys = reservoir_keys(rows, seed)
+    return {label: _smallest(keys[found == label], rows[found == label], size) for label in labels}
+
+
+def merge_samples(a: Sample, b: Sample, size: int) -> Sample:
+    """Samples of disjoint rows as one: per class, the ``size`` smallest keys of both."""
+    merged = dict(a)
+    for label, (keys, rows) in b.items():
+        if label in merged:
+            keys, rows = np.concatenate([merged[label][0], keys]), np.concatenate([merged[label][1], rows])
+        merged[label] = _smallest(keys, rows, size)
+    return merged
+
+
+def read_maps(shard, local: np.ndarray) -> np.ndarray:
+    """A gather task: the float16 spatial maps of the shard's rows at ascending local indices ``local``."""
+    return FeatureStore.read_rows(shard["spatial"], local)
+
+
+# ---------------------------------------------------------------------------------------------------- the NMF
 
 def positions(maps: np.ndarray) -> np.ndarray:
     """(B, C, h, w) maps as (B * h * w, C) rows, one per position (image-major), clipped at 0 for the NMF."""
@@ -73,19 +127,24 @@ def coefficient_maps(u: np.ndarray, batch: int, grid: tuple[int, int]) -> np.nda
     return u.reshape(batch, grid[0], grid[1], -1).transpose(0, 3, 1, 2)
 
 
-def fit_nmf(store: FeatureStore, split: str, rows: np.ndarray, cfg: ConceptsConfig, desc: str = "NMF"):
-    """A ``MiniBatchNMF`` of k components fitted by ``partial_fit`` on the rows' spatial positions, streamed."""
+def fit_nmf(maps: np.ndarray, cfg: ConceptsConfig):
+    """A ``MiniBatchNMF`` of ``cfg.concepts`` components fitted by ``partial_fit`` on the positions of ``maps``
+    (R, C, h, w), ``batch_images`` images at a time, ``passes`` times, each pass in a seeded order."""
     from sklearn.decomposition import MiniBatchNMF
 
     nmf = MiniBatchNMF(n_components=cfg.concepts, init="nndsvda", random_state=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 3])
-    with progress_bar(total=cfg.passes * len(rows), desc=desc, unit="img") as bar:
-        for _ in range(cfg.passes):
-            order = rng.permutation(rows)
-            for chosen, maps in iter_maps(store, split, order, cfg.batch_images):
-                nmf.partial_fit(positions(maps))
-                bar.update(len(chosen))
+    for _ in range(cfg.passes):
+        order = rng.permutation(len(maps))
+        for start in range(0, len(order), cfg.batch_images):
+            nmf.partial_fit(positions(maps[order[start:start + cfg.batch_images]].astype(np.float32)))
     return nmf
+
+
+def fit_class(maps: np.ndarray, cfg: ConceptsConfig) -> tuple[np.ndarray, int]:
+    """A fit task: a class's concept directions (k, C) from its reservoir's maps, and the NMF's step count."""
+    nmf = fit_nmf(maps, cfg)
+    return nmf.components_.astype(np.float64), int(getattr(nmf, "n_steps_", 0))
 
 
 def transform(components: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -100,26 +159,6 @@ def transform(components: np.ndarray, x: np.ndarray) -> np.ndarray:
     return u
 
 
-def scan_concepts(store: FeatureStore, split: str, rows: np.ndarray, components: np.ndarray, k_images: int,
-                  batch_images: int) -> dict:
-    """One more streamed pass: each concept's top images (by their strongest position), its mean coefficient,
-    and the relative reconstruction error of the factorisation."""
-    k = len(components)
-    top = empty_topk(k, k_images)
-    sums, residual, total, count = np.zeros(k), 0.0, 0.0, 0
-    for chosen, maps in iter_maps(store, split, rows, batch_images):
-        x = positions(maps)
-        u = transform(components, x)
-        per_image = coefficient_maps(u, len(chosen), maps.shape[2:]).reshape(len(chosen), k, -1).max(axis=2)
-        top = update_topk(top, per_image, chosen)
-        sums += u.sum(axis=0)
-        residual += float(((x - u @ components) ** 2).sum())
-        total += float((x.astype(np.float64) ** 2).sum())
-        count += len(x)
-    return {"top": top, "mean_coefficient": sums / max(count, 1), "positions": count,
-            "reconstruction_error": math.sqrt(residual / max(total, 1e-12))}
-
-
 def random_directions(components: np.ndarray, count: int, seed) -> np.ndarray:
     """(k, count, C): for each concept, ``count`` random non-negative directions (|Gaussian|) scaled to the
     concept direction's norm."""
@@ -130,39 +169,128 @@ def random_directions(components: np.ndarray, count: int, seed) -> np.ndarray:
     return directions * np.linalg.norm(components, axis=1)[:, None, None]
 
 
-def concept_importance(network, store: FeatureStore, split: str, rows: np.ndarray, label: int,
-                       components: np.ndarray, baselines: np.ndarray, batch_images: int) -> dict:
-    """Mean drop of the class's logit (``network.head(network.pool(maps))``) when each concept's part, or the same
-    coefficients along each of its random ``baselines`` (k, R, C), is subtracted from the maps, over ``rows``."""
+# ---------------------------------------------------------------------------------------------------- measuring
+
+@dataclass(frozen=True)
+class ScanStats:
+    """A class's concepts over some of its images: each concept's top images (by its strongest position), the sum of
+    its coefficients, the squared residual and squared norm of the positions, and their count. They merge."""
+
+    top: TopK
+    sums: np.ndarray
+    residual: float
+    total: float
+    positions: int
+
+    @classmethod
+    def empty(cls, k: int, k_images: int) -> "ScanStats":
+        return cls(empty_topk(k, k_images), np.zeros(k), 0.0, 0.0, 0)
+
+    def add(self, maps: np.ndarray, rows: np.ndarray, components: np.ndarray) -> "ScanStats":
+        """With the images ``rows`` (their float32 ``maps``) folded in."""
+        x = positions(maps)
+        u = transform(components, x)
+        per_image = coefficient_maps(u, len(rows), maps.shape[2:]).reshape(len(rows), len(components), -1).max(axis=2)
+        return ScanStats(update_topk(self.top, per_image, rows), self.sums + u.sum(axis=0),
+                         self.residual + float(((x - u @ components) ** 2).sum()),
+                         self.total + float((x.astype(np.float64) ** 2).sum()), self.positions + len(x))
+
+    def merge(self, other: "ScanStats") -> "ScanStats":
+        return ScanStats(merge_topk([self.top, other.top]), self.sums + other.sums, self.residual + other.residual,
+                         self.total + other.total, self.positions + other.positions)
+
+
+@dataclass(frozen=True)
+class ImportanceStats:
+    """Sums over some of a class's images, per concept: its logit drop and square, the drop along its random
+    directions (the mean over them) and square, how often it beats them; and of the logit. They add up."""
+
+    images: int
+    drop: np.ndarray
+    drop_sq: np.ndarray
+    random: np.ndarray
+    random_sq: np.ndarray
+    beats: np.ndarray
+    logit: float
+
+    @classmethod
+    def of(cls, drop: np.ndarray, random_drop: np.ndarray, logit: np.ndarray) -> "ImportanceStats":
+        """From per-image drops (B, k), random drops (B, k, R) and logits (B,)."""
+        random = random_drop.mean(axis=2)
+        return cls(len(drop), drop.sum(axis=0), (drop ** 2).sum(axis=0), random.sum(axis=0), (random ** 2).sum(axis=0),
+                   (drop > random).sum(axis=0), float(logit.sum()))
+
+    def merge(self, other: "ImportanceStats") -> "ImportanceStats":
+        return ImportanceStats(self.images + other.images, self.drop + other.drop, self.drop_sq + other.drop_sq,
+                               self.random + other.random, self.random_sq + other.random_sq,
+                               self.beats + other.beats, self.logit + other.logit)
+
+    def summary(self) -> dict:
+        """Means over the images (standard deviations over them too)."""
+        n = max(self.images, 1)
+
+        def std(total, squares):
+            return np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0))
+
+        return {"importance": self.drop / n, "importance_std": std(self.drop, self.drop_sq),
+                "random_importance": self.random / n, "random_importance_std": std(self.random, self.random_sq),
+                "beats_random": self.beats / n, "logit": self.logit / n, "images": self.images}
+
+
+def importance_batch(network, maps: np.ndarray, label: int, components: np.ndarray,
+                     baselines: np.ndarray) -> ImportanceStats:
+    """Drops of the class's logit (``network.head(network.pool(maps))``) when each concept's part, or the same
+    coefficients along each of its random ``baselines`` (k, R, C), is subtracted from the float32 ``maps``."""
     import torch
 
     k, repeats = baselines.shape[:2]
-    drops, random_drops, logits = [], [], []
+    batch, channels, height, width = maps.shape
+    u = coefficient_maps(transform(components, positions(maps)), batch, (height, width))  # (B, k, h, w)
+    fmap = torch.from_numpy(maps)
+
+    def logit(removed: np.ndarray) -> np.ndarray:
+        shifted = fmap - torch.from_numpy(removed.astype(np.float32))
+        return network.head(network.pool(shifted))[:, label].double().numpy()
+
     with torch.no_grad():
-        for chosen, maps in iter_maps(store, split, rows, batch_images):
-            batch, channels, height, width = maps.shape
-            u = coefficient_maps(transform(components, positions(maps)), batch, (height, width))  # (B, k, h, w)
-            fmap = torch.from_numpy(maps)
+        before = network.head(network.pool(fmap))[:, label].double().numpy()
+        drop, random_drop = np.empty((batch, k)), np.empty((batch, k, repeats))
+        for j in range(k):
+            drop[:, j] = before - logit(np.einsum("bhw,c->bchw", u[:, j], components[j]))
+            for r in range(repeats):
+                random_drop[:, j, r] = before - logit(np.einsum("bhw,c->bchw", u[:, j], baselines[j, r]))
+    return ImportanceStats.of(drop, random_drop, before)
 
-            def logit(removed: np.ndarray) -> np.ndarray:
-                shifted = fmap - torch.from_numpy(removed.astype(np.float32))
-                return network.head(network.pool(shifted))[:, label].double().numpy()
 
-            before = network.head(network.pool(fmap))[:, label].double().numpy()
-            logits.append(before)
-            drop, random_drop = np.empty((batch, k)), np.empty((batch, k, repeats))
-            for j in range(k):
-                drop[:, j] = before - logit(np.einsum("bhw,c->bchw", u[:, j], components[j]))
-                for r in range(repeats):
-                    random_drop[:, j, r] = before - logit(np.einsum("bhw,c->bchw", u[:, j], baselines[j, r]))
-            drops.append(drop)
-            random_drops.append(random_drop)
-    drops, random_drops = np.concatenate(drops), np.concatenate(random_drops)
-    return {"importance": drops.mean(axis=0), "importance_std": drops.std(axis=0),
-            "random_importance": random_drops.mean(axis=(0, 2)),
-            "random_importance_std": random_drops.mean(axis=2).std(axis=0),
-            "beats_random": (drops > random_drops.mean(axis=2)).mean(axis=0),
-            "logit": float(np.concatenate(logits).mean()), "images": int(len(drops))}
+def _class_batches(shard, labels: list[int], batch_images: int):
+    """``(label, row ids, float32 maps)`` of the shard's images of each class in ``labels``, ``batch_images`` at a
+    time, in row order."""
+    found, rows = shard["labels"][:], shard["row_ids"][:]
+    for label in labels:
+        local = np.flatnonzero(found == label)
+        for start in range(0, len(local), batch_images):
+            chosen = local[start:start + batch_images]
+            yield label, rows[chosen], read_maps(shard, chosen).astype(np.float32)
+
+
+def scan_shard(shard, components: dict[int, np.ndarray], k_images: int, batch_images: int) -> dict[int, ScanStats]:
+    """A measure task on a shard of ``concepts.split``: per class label, the ``ScanStats`` of its images there."""
+    out: dict[int, ScanStats] = {}
+    for label, rows, maps in _class_batches(shard, list(components), batch_images):
+        stats = out.get(label) or ScanStats.empty(len(components[label]), k_images)
+        out[label] = stats.add(maps, rows, components[label])
+    return out
+
+
+def importance_shard(shard, network, components: dict[int, np.ndarray], baselines: dict[int, np.ndarray],
+                     batch_images: int) -> dict[int, ImportanceStats]:
+    """A measure task on a shard of ``concepts.importance_split``: per class label, the ``ImportanceStats`` of its
+    images there."""
+    out: dict[int, ImportanceStats] = {}
+    for label, _, maps in _class_batches(shard, list(components), batch_images):
+        stats = importance_batch(network, maps, label, components[label], baselines[label])
+        out[label] = out[label].merge(stats) if label in out else stats
+    return out
 
 
 def peak_rss_mib() -> float:
@@ -171,44 +299,143 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def class_concepts(run_path: str, class_name: str, cfg: ConceptsConfig) -> dict:
-    """The pure per-(run, class) work, store and trained head only (no images): fit, scan, importance.
+# ---------------------------------------------------------------------------------------------------- the work
 
-    Returns JSON-ready numbers plus ``components`` (k, C), concepts ordered by importance, highest first."""
-    start = time.perf_counter()
-    run = RunDir(run_path)
-    store = FeatureStore(run.features_dir)
-    label = store.classes.index(class_name)
-    rows = class_rows(store, cfg.split, label)
-    if len(rows) == 0:
-        raise CatdogError(f"feature store {store.path}: no {cfg.split} images of class {class_name!r}")
-    nmf = fit_nmf(store, cfg.split, rows, cfg, desc=f"{run.path.name} {class_name}: NMF")
-    components = nmf.components_.astype(np.float64)
-    scan = scan_concepts(store, cfg.split, rows, components, cfg.images_per_concept, cfg.batch_images)
-    network, _ = run.load_model()
-    baselines = random_directions(components, cfg.random_directions, [cfg.seed, 4, label])
-    importance = concept_importance(network, store, cfg.importance_split,
-                                    class_rows(store, cfg.importance_split, label), label, components, baselines,
-                                    cfg.batch_images)
-    order = np.argsort(-importance["importance"], kind="stable")
-    concepts = []
-    for rank, j in enumerate(order.tolist(), start=1):
-        count = int(np.count_nonzero(scan["top"].rows[j] >= 0))
-        concepts.append({
-            "concept": rank, "importance": float(importance["importance"][j]),
-            "importance_std": float(importance["importance_std"][j]),
-            "random_importance": float(importance["random_importance"][j]),
-            "random_importance_std": float(importance["random_importance_std"][j]),
-            "beats_random": float(importance["beats_random"][j]),
-            "mean_coefficient": float(scan["mean_coefficient"][j]),
-            "top_channels": np.argsort(-components[j])[:5].tolist(),
-            "top_rows": scan["top"].rows[j][:count].tolist(),
-            "top_values": scan["top"].values[j][:count].tolist()})
-    return {"class": class_name, "label": label, "images": int(len(rows)), "positions": scan["positions"],
-            "reconstruction_error": scan["reconstruction_error"], "importance_images": importance["images"],
-            "mean_logit": importance["logit"], "n_iter": int(getattr(nmf, "n_steps_", 0)),
-            "components": components[order].tolist(), "concepts": concepts,
-            "seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
+class _NodeTasks:
+    """Tasks per node (IP address) and step, for ``index.json``."""
+
+    def __init__(self):
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, node: str, step: str, sent: bool = False) -> None:
+        counts = self.counts.setdefault(node, {})
+        counts[step] = counts.get(step, 0) + 1
+        if sent:
+            counts["shards_sent"] = counts.get("shards_sent", 0) + 1
+
+
+def class_reservoirs(store: FeatureStore, labels: list[int], cfg: ConceptsConfig, use_ray: bool,
+                     tasks: _NodeTasks) -> dict[int, np.ndarray]:
+    """Steps 1 and 2: per class label, the float16 maps (R, C, h, w) of its reservoir, in row order."""
+    folder, infos = str(store.path), store.shard_infos(cfg.split)
+    sample: Sample = {}
+    jobs = [ShardJob(folder, info, sample_shard, (labels, cfg.reservoir_images, cfg.seed)) for info in infos]
+    for _, part, where in map_shards(jobs, f"concepts {store.path.parent.name}: sample", use_ray):
+        sample = merge_samples(sample, part, cfg.reservoir_images)
+        tasks.add(where["node"], "sample", where["read"] == "object store")
+    empty = [label for label in labels if len(sample[label][1]) == 0]
+    if empty:
+        raise CatdogError(f"feature store {store.path}: no {cfg.split} images of class {store.classes[empty[0]]!r}")
+    rows = np.concatenate([np.sort(sample[label][1]) for label in labels])
+    owner = np.concatenate([np.full(len(sample[label][1]), label) for label in labels])
+    slot = np.concatenate([np.arange(len(sample[label][1])) for label in labels])
+    order = np.argsort(rows)
+    rows, owner, slot = rows[order], owner[order], slot[order]
+    shard_of = np.searchsorted([info.first_row for info in infos], rows, side="right") - 1
+    maps = {label: np.empty((len(sample[label][1]), *store.manifest["spatial_shape"]), np.float16) for label in labels}
+    shards = np.unique(shard_of).tolist()
+    jobs = [ShardJob(folder, infos[s], read_maps, (rows[shard_of == s] - infos[s].first_row,)) for s in shards]
+    for i, part, where in map_shards(jobs, f"concepts {store.path.parent.name}: gather", use_ray):
+        here = shard_of == shards[i]
+        for label in np.unique(owner[here]).tolist():
+            mine = owner[here] == label
+            maps[label][slot[here][mine]] = part[mine]
+        tasks.add(where["node"], "gather", where["read"] == "object store")
+    return maps
+
+
+def fit_classes(reservoirs: dict[int, np.ndarray], cfg: ConceptsConfig, use_ray: bool,
+                tasks: _NodeTasks) -> dict[int, tuple[np.ndarray, int]]:
+    """Step 3: per class label, ``fit_class`` of its reservoir (a Ray task each with ``use_ray``; each reservoir
+    leaves the driver's memory as its task takes it)."""
+    if not use_ray:
+        fits = {label: fit_class(reservoirs.pop(label), cfg) for label in list(reservoirs)}
+        for _ in fits:
+            tasks.add("local", "fit")
+        return fits
+    import ray
+
+    task, refs = remote_task(fit_class), {}
+    for label in list(reservoirs):
+        refs[task.remote(reservoirs.pop(label), cfg)] = label
+    fits = {}
+    with progress_bar(total=len(refs), desc="concepts: fit", unit="class") as bar:
+        waiting = list(refs)
+        while waiting:
+            [done], waiting = ray.wait(waiting, num_returns=1)
+            fits[refs[done]], (node, _) = ray.get(done)
+            tasks.add(node, "fit")
+            bar.update()
+    return fits
+
+
+def measure_classes(store: FeatureStore, network, components: dict[int, np.ndarray],
+                    baselines: dict[int, np.ndarray], cfg: ConceptsConfig, use_ray: bool,
+                    tasks: _NodeTasks) -> tuple[dict[int, ScanStats], dict[int, ImportanceStats]]:
+    """Step 4: per class label, its ``ScanStats`` over ``split`` and ``ImportanceStats`` over ``importance_split``."""
+    folder = str(store.path)
+    if use_ray:
+        import ray
+
+        network = ray.put(network)
+    jobs = [ShardJob(folder, info, scan_shard, (components, cfg.images_per_concept, cfg.batch_images))
+            for info in store.shard_infos(cfg.split)]
+    jobs += [ShardJob(folder, info, importance_shard, (network, components, baselines, cfg.batch_images))
+             for info in store.shard_infos(cfg.importance_split)]
+    scanned = len(store.shard_infos(cfg.split))
+    scans: dict[int, ScanStats] = {}
+    importances: dict[int, ImportanceStats] = {}
+    for i, part, where in map_shards(jobs, f"concepts {store.path.parent.name}: measure", use_ray):
+        merged = scans if i < scanned else importances
+        for label, stats in part.items():
+            merged[label] = merged[label].merge(stats) if label in merged else stats
+        tasks.add(where["node"], "measure", where["read"] == "object store")
+    missing = [label for label in components if label not in importances]
+    if missing:
+        raise CatdogError(f"feature store {store.path}: no {cfg.importance_split} images of class "
+                          f"{store.classes[missing[0]]!r} to measure its concepts' importance on "
+                          "(concepts.importance_split)")
+    return scans, importances
+
+
+def compute_concepts(store: FeatureStore, network, labels: list[int], cfg: ConceptsConfig,
+                     use_ray: bool = True) -> tuple[dict[int, dict], dict[str, dict[str, int]]]:
+    """The concepts of the classes ``labels`` (the module's four steps; with ``use_ray`` in a Ray session): per
+    label its JSON-ready result with ``components`` (k, C), concepts ordered by importance, highest first; and the
+    tasks each node ran. ``seconds`` and ``peak_rss_mib`` (this process's) are those of all ``labels`` together."""
+    start, tasks = time.perf_counter(), _NodeTasks()
+    grid = store.manifest["spatial_shape"][1:]
+    fits = fit_classes(class_reservoirs(store, labels, cfg, use_ray, tasks), cfg, use_ray, tasks)
+    components = {label: fits[label][0] for label in labels}
+    baselines = {label: random_directions(components[label], cfg.random_directions, [cfg.seed, 4, label])
+                 for label in labels}
+    scans, importances = measure_classes(store, network, components, baselines, cfg, use_ray, tasks)
+    seconds, results = time.perf_counter() - start, {}
+    for label in labels:
+        scan, importance = scans[label], importances[label].summary()
+        order = np.argsort(-importance["importance"], kind="stable")
+        concepts = []
+        for rank, j in enumerate(order.tolist(), start=1):
+            count = int(np.count_nonzero(scan.top.rows[j] >= 0))
+            concepts.append({
+                "concept": rank, "importance": float(importance["importance"][j]),
+                "importance_std": float(importance["importance_std"][j]),
+                "random_importance": float(importance["random_importance"][j]),
+                "random_importance_std": float(importance["random_importance_std"][j]),
+                "beats_random": float(importance["beats_random"][j]),
+                "mean_coefficient": float(scan.sums[j] / max(scan.positions, 1)),
+                "top_channels": np.argsort(-components[label][j])[:5].tolist(),
+                "top_rows": scan.top.rows[j][:count].tolist(),
+                "top_values": scan.top.values[j][:count].tolist()})
+        results[label] = {
+            "class": store.classes[label], "label": label, "images": scan.positions // math.prod(grid),
+            "reservoir_images": int(min(cfg.reservoir_images, scan.positions // math.prod(grid))),
+            "positions": scan.positions,
+            "reconstruction_error": math.sqrt(scan.residual / max(scan.total, 1e-12)),
+            "importance_images": importance["images"], "mean_logit": importance["logit"], "n_iter": fits[label][1],
+            "components": components[label][order].tolist(), "concepts": concepts,
+            "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
+    return results, dict(sorted(tasks.counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -277,76 +504,90 @@ def draw_samples(photos: list[Image.Image], cams: np.ndarray, concept_maps: np.n
         figure.savefig(tmp, format="png", dpi=100)
 
 
-def _sample_figure(run: RunDir, network, store: FeatureStore, part: dict, data_root: Path, config: Config,
-                   path: Path) -> list[str]:
-    """Concept maps of the class's Grad-CAM sample images (val) beside their CAMs; returns the images drawn."""
-    import torch
-
-    from catdog.cam import class_activation_maps, sample_per_class
+def grad_cam_sample(run: RunDir, store: FeatureStore, data_root: Path, config: Config):
+    """The val images of the Grad-CAM grid's seeded sample (``gradcam.images_per_class`` per class), as the
+    ``open_split`` dataset and its indices, which are the store's val row ids (checked by their paths)."""
+    from catdog.cam import sample_per_class
     from catdog.splits import open_split
 
     gcfg = config.gradcam
     dataset = open_split(data_root, "val", run.config().data, classes=store.classes)
-    chosen = [i for i in sample_per_class(dataset.labels, gcfg.images_per_class, gcfg.seed)
-              if dataset.samples[i].label == part["label"]]
+    chosen = sample_per_class(dataset.labels, gcfg.images_per_class, gcfg.seed)
     relative = [dataset.relative_path(i) for i in chosen]
-    row_of = {p: r for r, p in zip(store.row_ids("val").tolist(), store.paths("val"))}
-    missing = [p for p in relative if p not in row_of]
-    if missing:
-        raise CatdogError(f"feature store {store.path}: the Grad-CAM sample image {missing[0]} is not in its val "
-                          "split; pass the --data root the features were extracted from")
+    inside = [i for i in chosen if i < store.num_rows("val")]
+    stored = dict(zip(inside, decode_paths(store.take("val", "paths", inside))))
+    for i, path in zip(chosen, relative):
+        if stored.get(i) != path:
+            raise CatdogError(f"feature store {store.path}: the Grad-CAM sample image {path} is not in its val "
+                              "split; pass the --data root the features were extracted from")
+    return dataset, chosen
+
+
+def _sample_figure(network, store: FeatureStore, part: dict, sample, data_root: Path, config: Config,
+                   path: Path) -> list[str]:
+    """Concept maps of the class's Grad-CAM sample images (val) beside their CAMs; returns the images drawn."""
+    import torch
+
+    from catdog.cam import class_activation_maps
+
+    dataset, chosen = sample
+    chosen = [i for i in chosen if dataset.samples[i].label == part["label"]]
+    relative = [dataset.relative_path(i) for i in chosen]
     images = torch.stack([dataset[i][0] for i in chosen])
     targets = torch.full((len(chosen),), part["label"])
-    method = gcfg.methods[0]
+    method = config.gradcam.methods[0]
     cams = class_activation_maps(network, method, images, targets)
-    maps = store.spatial("val", [row_of[p] for p in relative]).astype(np.float32)
+    maps = store.spatial("val", chosen).astype(np.float32)
     components = np.asarray(part["components"])
     u = coefficient_maps(transform(components, positions(maps)), len(maps), maps.shape[2:])
     size = store.manifest["image_size"]
     photos = [load_store_image(data_root, p, size) for p in relative]
-    titles = [Path(p).name for p in relative]
+    titles = [printable_path(Path(p).name) for p in relative]
     concept_titles = [f"concept {c['concept']}" for c in part["concepts"]]
     draw_samples(photos, cams, u, titles, method, concept_titles, config.concepts.overlay_alpha, path)
     return relative
 
 
-def _draw_class(run: RunDir, network, store: FeatureStore, part: dict, data_root: Path, config: Config) -> dict:
+def _draw_class(run: RunDir, network, store: FeatureStore, part: dict, sample, data_root: Path,
+                config: Config) -> dict:
     """The class's montages and sample figure; its index.json entry."""
     cfg, out = config.concepts, run.concepts_dir
-    size, paths = store.manifest["image_size"], store.paths(cfg.split)
-    labels = store.labels(cfg.split)
+    size = store.manifest["image_size"]
     components = np.asarray(part["components"])
-    entry = {key: part[key] for key in ("images", "positions", "reconstruction_error", "importance_images",
-                                        "mean_logit", "seconds", "peak_rss_mib")}
+    entry = {key: part[key] for key in ("images", "reservoir_images", "positions", "reconstruction_error",
+                                        "importance_images", "mean_logit", "seconds", "peak_rss_mib")}
     entry["concepts"] = []
     for j, concept in enumerate(part["concepts"]):
         rows = concept["top_rows"]
         maps = store.spatial(cfg.split, rows).astype(np.float32)
+        paths, labels = decode_paths(store.take(cfg.split, "paths", rows)), store.take(cfg.split, "labels", rows)
         heat = coefficient_maps(transform(components, positions(maps)), len(rows), maps.shape[2:])[:, j]
         montage = f"{part['class']}-c{concept['concept']}.png"
-        images = [{"path": paths[r], "row": r, "value": v, "label": store.classes[int(labels[r])],
+        images = [{"path": path, "row": r, "value": v, "label": store.classes[int(label)],
                    "position": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)]}
-                  for r, v, h in zip(rows, concept["top_values"], heat)]
+                  for r, v, h, path, label in zip(rows, concept["top_values"], heat, paths, labels)]
         draw_concept_montage(
             [load_store_image(data_root, image["path"], size) for image in images], heat,
-            [f"{image['value']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
+            [f"{image['value']:.2f} · {image['label']}\n{printable_path(Path(image['path']).name)}"
+             for image in images],
             f"{part['class']}: concept {concept['concept']} of {len(components)}; logit drop when removed "
             f"{concept['importance']:.3f} vs {concept['random_importance']:.3f} for a random direction; "
             f"its top {len(images)} {cfg.split} regions", cfg.crop_cells, cfg.overlay_alpha, out / montage)
         entry["concepts"].append({**{key: value for key, value in concept.items()
                                      if key not in ("top_rows", "top_values")},
                                   "montage": montage, "images": images})
-    sample = f"{part['class']}-samples.png"
-    entry["sample_images"] = _sample_figure(run, network, store, part, data_root, config, out / sample)
-    entry["sample_figure"] = sample
+    figure = f"{part['class']}-samples.png"
+    entry["sample_images"] = _sample_figure(network, store, part, sample, data_root, config, out / figure)
+    entry["sample_figure"] = figure
     return entry
 
 
 # ---------------------------------------------------------------------------------------------------- the job
 
-def _identity(run: RunDir, store: FeatureStore, class_name: str, cfg: ConceptsConfig) -> dict:
+def _identity(run: RunDir, store: FeatureStore, checkpoint_sha256: str, class_name: str,
+              cfg: ConceptsConfig) -> dict:
     settings = cfg.model_dump(mode="json", exclude={"overlay_alpha", "crop_cells"})
-    return {"run": str(run.path.resolve()), "checkpoint_sha256": file_sha256(run.best_checkpoint),
+    return {"run": str(run.path.resolve()), "checkpoint_sha256": checkpoint_sha256,
             "store_checkpoint_sha256": store.manifest.get("checkpoint_sha256"), "class": class_name,
             "concepts": settings}
 
@@ -364,61 +605,53 @@ def part_path(run: RunDir, class_name: str) -> Path:
 
 def run_concepts(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, config: Config,
                  address: str | None = None, use_ray: bool = True) -> dict[str, dict]:
-    """Concepts for every class of every run; writes each ``RUN/concepts/`` and returns each run's index.
+    """Concepts for the shown classes (``figures.max_classes``) of every run; writes each ``RUN/concepts/`` and
+    returns each run's index.
 
-    Finished (run, class) parts are reused. Pending ones run as Ray tasks when there are several (and
-    ``use_ray``), else in this process."""
+    Finished (run, class) parts are reused; the others are computed by ``compute_concepts``, on Ray with
+    ``use_ray``, else in this process."""
     cfg, data_root = config.concepts, Path(data_root)
-    runs = [RunDir(p) for p in run_paths]
-    stores, pending, parts = {}, [], {}
-    for run in runs:
-        store = stores[run.path] = FeatureStore(run.features_dir)
+    plans = []
+    for run in (RunDir(p) for p in run_paths):
+        store = FeatureStore(run.features_dir)
         _check(run, store, data_root, cfg)
-        for class_name in store.classes:
-            identity = _identity(run, store, class_name, cfg)
-            path = part_path(run, class_name)
-            if path.is_file() and read_json(path).get("identity") == identity:
-                parts[(run.path, class_name)] = read_json(path)
-                log.info("%s %s: reusing %s", run.path, class_name, path)
-            else:
-                pending.append((run, class_name, identity))
-
-    def finish(run: RunDir, class_name: str, identity: dict, result: dict) -> None:
-        result = {"identity": identity, **result}
-        write_json(part_path(run, class_name), result)
-        parts[(run.path, class_name)] = result
-
-    if len(pending) > 1 and use_ray:
-        import ray
-
-        from catdog.cluster import ray_session
-
-        with ray_session(address):
-            task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(class_concepts)
-            refs = {task.remote(str(run.path), name, cfg): (run, name, identity) for run, name, identity in pending}
-            waiting = list(refs)
-            while waiting:
-                [ref], waiting = ray.wait(waiting, num_returns=1)
-                finish(*refs[ref], ray.get(ref))
-    else:
-        for run, name, identity in pending:
-            finish(run, name, identity, class_concepts(str(run.path), name, cfg))
+        shown = classes_shown(run.path, store.classes, config.figures.max_classes)
+        checkpoint = file_sha256(run.best_checkpoint)
+        identities = {label: _identity(run, store, checkpoint, store.classes[label], cfg) for label in shown}
+        parts = {}
+        for label in shown:
+            path = part_path(run, store.classes[label])
+            part = read_json(path) if path.is_file() else {}
+            if part.get("identity") == identities[label]:
+                parts[label] = part
+                log.info("%s %s: reusing %s", run.path, store.classes[label], path)
+        plans.append((run, store, shown, identities, parts))
 
     indexes = {}
-    for run in runs:
-        store, network = stores[run.path], run.load_model()[0]
-        save_config(config, run.concepts_dir / "config.yaml")
-        index = {"split": cfg.split, "importance_split": cfg.importance_split, "concepts_per_class": cfg.concepts,
-                 "factorisation": "sklearn MiniBatchNMF (partial_fit, streamed) of the non-negative spatial "
-                                  "positions of each class's images",
-                 "importance": "mean drop of the class's logit through the trained head when the concept's part "
-                               "is removed from the maps before pooling",
-                 "random_baseline": f"the same removal along a random non-negative direction of equal norm "
-                                    f"(mean of {cfg.random_directions})",
-                 "cam_method": config.gradcam.methods[0], "classes": {}}
-        for class_name in store.classes:
-            index["classes"][class_name] = _draw_class(run, network, store, parts[(run.path, class_name)],
-                                                       data_root, config)
-        write_json(run.concepts_index, index)  # last: marks the stage complete
-        indexes[str(run.path)] = index
+    pending = any(len(parts) < len(shown) for _, _, shown, _, parts in plans)
+    with ray_session(address) if use_ray and pending else contextlib.nullcontext():
+        for run, store, shown, identities, parts in plans:
+            network, nodes = run.load_model()[0], {}
+            todo = [label for label in shown if label not in parts]
+            if todo:
+                computed, nodes = compute_concepts(store, network, todo, cfg, use_ray)
+                for label, result in computed.items():
+                    parts[label] = {"identity": identities[label], **result}
+                    write_json(part_path(run, store.classes[label]), parts[label])
+            save_config(config, run.concepts_dir / "config.yaml")
+            index = {"split": cfg.split, "importance_split": cfg.importance_split, "concepts_per_class": cfg.concepts,
+                     "factorisation": f"sklearn MiniBatchNMF (partial_fit) of the non-negative spatial positions of "
+                                      f"a seeded sample of at most {cfg.reservoir_images} of each class's images",
+                     "importance": "mean drop of the class's logit through the trained head when the concept's "
+                                   "part is removed from the maps before pooling",
+                     "random_baseline": f"the same removal along a random non-negative direction of equal norm "
+                                        f"(mean of {cfg.random_directions})",
+                     "cam_method": config.gradcam.methods[0], "classes_total": len(store.classes), "classes": {},
+                     "nodes": nodes}
+            sample = grad_cam_sample(run, store, data_root, config)
+            for label in shown:
+                index["classes"][store.classes[label]] = _draw_class(run, network, store, parts[label], sample,
+                                                                     data_root, config)
+            write_json(run.concepts_index, index)  # last: marks the stage complete
+            indexes[str(run.path)] = index
     return indexes

@@ -1,22 +1,22 @@
-"""Top activations: for each class's top features, the training images where each fires hardest, and where.
+"""Top activations: for each shown class's top features, the training images where each fires hardest, and where.
 
-The features are each class's first ``features_per_class`` in the forest's per-class ranking. The pure
-core is a running top-k per feature (``update_topk``) and a merge of partial results (``merge_topk``):
-rows are ordered by activation, highest first, ties going to the lower row id, so the result equals a
-stable argsort over all images. Ray tasks each search one shard and return its partial top-k; the driver
-reads each shard's chosen columns into Ray's object store (a bounded number ahead) and merges the partial
-results as they arrive, so memory depends on the shard size and k, never on the number of images, and no
-worker needs to see the run directory or the data root (the montages' images and spatial maps travel the
-same way, and the PNGs come back as bytes).
+The classes are ``catdog.classes.classes_shown`` (at most ``figures.max_classes``, the most confused first), their
+features each class's first ``features_per_class`` in the forest's per-class ranking. The pure core is a running
+top-k per feature (``update_topk``) and a merge of partial results (``merge_topk``): rows are ordered by activation,
+highest first, ties going to the lower row id, so the result equals a stable argsort over all images. A Ray task per
+shard (``catdog.cluster.map_shards``) reads its own shard and returns its partial top-k; the driver only merges them
+as they arrive, so memory depends on the shard size and k, never on the number of images. A task reads the shard
+file where its node sees the run directory, and gets the file's bytes through the object store where it does not
+(``catdog.cluster``'s rule). The montages' images and spatial maps are read by the driver (a bounded number: shown
+classes x features x images) and drawn by Ray tasks, which return PNG bytes, so no worker needs the data root.
 
 Outputs in ``RUN/topact/``: a montage ``<class>-f<feature>.png`` per feature (its top images, each with
-the feature's spatial map upsampled and overlaid) and ``index.json`` (features, images, activations and
-the share of each class among each feature's top ``selectivity_top`` images). Ray workers import this
-module to search a shard, so it imports nothing heavy (no torch).
+the feature's spatial map upsampled and overlaid) and ``index.json`` (features, images, activations,
+the share of each class among each feature's top ``selectivity_top`` images, and which node did each piece).
+Ray workers import this module to search a shard, so it imports nothing heavy (no torch).
 """
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -29,13 +29,14 @@ import ray
 from matplotlib.figure import Figure
 from PIL import Image
 
-from catdog.cluster import ray_session, resolve_address
+from catdog.classes import classes_shown
+from catdog.cluster import ShardJob, map_shards, ray_session, remote_task, resolve_address
 from catdog.config import Config, TopactConfig, save_config
-from catdog.io import atomic_path, write_json
+from catdog.io import atomic_path, printable_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
 from catdog.run import RunDir
-from catdog.store import FeatureStore, load_store_image, read_shard, require_maps_and_images
+from catdog.store import FeatureStore, decode_paths, load_store_image, require_maps_and_images
 
 
 @dataclass(frozen=True)
@@ -70,69 +71,35 @@ def merge_topk(parts: Iterable[TopK]) -> TopK:
                  np.concatenate([p.rows for p in parts], axis=1), parts[0].k)
 
 
-def shard_topk(shard: dict[str, np.ndarray] | str | os.PathLike, feature_idx: np.ndarray | None, k: int
-               ) -> tuple[TopK, dict[int, tuple[int, str]]]:
-    """One shard's top-k rows for the chosen features, and the label and path of each row in it.
+def shard_topk(shard, feature_idx: np.ndarray, k: int) -> tuple[TopK, dict[int, tuple[int, str]]]:
+    """One shard's top-k rows for the chosen features, and the label and path of each of those rows.
 
-    ``shard`` is the shard's arrays (``read_shard``'s, or ``shard_arrays``' with the chosen columns only, then
-    ``feature_idx`` is None) or a shard file.
-    """
-    arrays = read_shard(shard) if isinstance(shard, (str, os.PathLike)) else shard
-    values = arrays["features"] if feature_idx is None else arrays["features"][:, feature_idx]
-    top = update_topk(empty_topk(values.shape[1], k), values, arrays["row_ids"])
-    position = {int(row): i for i, row in enumerate(arrays["row_ids"])}
-    info = {int(row): (int(arrays["labels"][position[row]]), str(arrays["paths"][position[row]]))
-            for row in np.unique(top.rows)}
-    return top, info
-
-
-def shard_arrays(path: str | os.PathLike, feature_idx: np.ndarray) -> dict[str, np.ndarray]:
-    """What a search task needs of a shard: the chosen features' columns, row ids, labels and paths."""
-    arrays = read_shard(path)
-    arrays["features"] = np.ascontiguousarray(arrays["features"][:, feature_idx])
-    return arrays
-
-
-def _located(fn):
-    """``fn``'s result and the node that computed it (IP address, Ray node id)."""
-    from catdog.cluster import node_id, node_name
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        return fn(*args, **kwargs), (node_name(), node_id())
-    return run
+    ``shard``: the shard's open ``h5py.File`` (a ``map_shards`` task)."""
+    values = shard["features"][:][:, feature_idx]
+    row_ids = shard["row_ids"][:]
+    top = update_topk(empty_topk(values.shape[1], k), values, row_ids)
+    kept = np.unique(top.rows)
+    local = np.flatnonzero(np.isin(row_ids, kept))
+    labels = FeatureStore.read_rows(shard["labels"], local)
+    paths = decode_paths(FeatureStore.read_rows(shard["paths"], local))
+    return top, {int(row): (int(label), path) for row, label, path in zip(row_ids[local], labels, paths)}
 
 
 def search_top_activations(store: FeatureStore, split: str, feature_idx: np.ndarray, k: int,
                            in_flight: int | None = None) -> tuple[TopK, dict[int, tuple[int, str]], list[dict]]:
-    """Each shard of ``split`` in a Ray task; partial results merged as they finish (needs a Ray session).
+    """Each shard of ``split`` in a Ray task that reads it (``map_shards``: at most ``in_flight`` at once); partial
+    results merged as they finish (needs a Ray session). A task whose worker or node dies is rerun.
 
-    The driver reads each shard's chosen columns and puts them in Ray's object store, so a task runs on any
-    node, whether or not it sees the run directory; at most ``in_flight`` shards (default: twice the cluster's
-    CPUs) are read ahead, so memory does not grow with the store. A task whose worker or node dies is rerun.
-    Returns the merged top-k, each top row's label and path, and per shard the node that searched it.
-    """
-    task = ray.remote(num_cpus=1, max_retries=3)(_located(shard_topk))
+    Returns the merged top-k, each top row's label and path, and per shard the node that searched it and how it
+    read the shard."""
     infos = store.shard_infos(split)
-    in_flight = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    jobs = [ShardJob(str(store.path), info, shard_topk, (feature_idx, k)) for info in infos]
     top, info, nodes = empty_topk(len(feature_idx), k), {}, [None] * len(infos)
-    pending: dict = {}
-    queue = list(enumerate(infos))
-    with progress_bar(total=len(infos), desc=f"top activations ({split})", unit="shard") as bar:
-        while queue or pending:
-            while queue and len(pending) < in_flight:
-                i, shard = queue.pop(0)
-                ref = ray.put(shard_arrays(store.path / shard.file, feature_idx))
-                pending[task.remote(ref, None, k)] = i
-                del ref  # the task holds it; freed once the task is done
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done)
-            (part, part_info), (node, node_id) = ray.get(done)
-            top = merge_topk([top, part])
-            known = info | part_info
-            info = {row: known[row] for row in np.unique(top.rows).tolist()}
-            nodes[i] = {"file": infos[i].file, "rows": infos[i].rows, "node": node, "node_id": node_id}
-            bar.update()
+    for i, (part, part_info), where in map_shards(jobs, f"top activations ({split})", in_flight=in_flight):
+        top = merge_topk([top, part])
+        known = info | part_info
+        info = {row: known[row] for row in np.unique(top.rows).tolist()}
+        nodes[i] = where
     return top, info, nodes
 
 
@@ -175,19 +142,18 @@ def draw_montage(images: list[Image.Image], maps: np.ndarray, titles: list[str],
 
 def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config: Config,
                address: str | None = None, verify: bool = False) -> dict:
-    """The top-activation job: search on Ray, then a montage per feature (drawn on Ray) and ``index.json``;
-    returns the index.
+    """The top-activation job for the shown classes (``figures.max_classes``): search on Ray, then a montage per
+    feature (drawn on Ray) and ``index.json``; returns the index.
 
-    Only this process (the driver) reads the run directory and the data root: shards' feature columns, the
-    montages' images and spatial maps travel to the tasks through Ray's object store, and the montages come
-    back as PNG bytes, so workers need neither. ``index.json`` records the node of every shard search
-    (``shards``) and montage (each feature's ``node``).
+    Search tasks read their shards (or get their bytes: ``catdog.cluster``); the montages' images and spatial maps
+    are read here and reach the tasks through Ray's object store, and the montages come back as PNG bytes.
+    ``index.json`` records the node of every shard search (``shards``) and montage (each feature's ``node``).
     """
     run, data_root, tcfg = RunDir(run_dir), Path(data_root), config.topact
     store = FeatureStore(run.features_dir, verify=verify)
     require_maps_and_images(store, data_root, "the montages")
-    chosen = {name: read_ranking(run, name, store.feature_dim)[:tcfg.features_per_class]
-              for name in store.classes}
+    shown = [store.classes[c] for c in classes_shown(run.path, store.classes, config.figures.max_classes)]
+    chosen = {name: read_ranking(run, name, store.feature_dim)[:tcfg.features_per_class] for name in shown}
     feature_idx = np.unique(np.concatenate(list(chosen.values())))
     if not ray.is_initialized():
         address = resolve_address(address)  # a bad address fails here, before anything is written
@@ -195,11 +161,11 @@ def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config:
     save_config(config, out / "config.yaml")
 
     index = {"split": tcfg.split, "images_per_feature": tcfg.images_per_feature,
-             "selectivity_top": tcfg.selectivity_top, "classes": {}}
+             "selectivity_top": tcfg.selectivity_top, "classes_total": len(store.classes), "classes": {}}
     with ray_session(address):
         top, info, shard_nodes = search_top_activations(store, tcfg.split, feature_idx,
                                                         max(tcfg.images_per_feature, tcfg.selectivity_top))
-        render = ray.remote(num_cpus=1, max_retries=3)(_located(montage_png))
+        render = remote_task(montage_png)
         montages = {}
         for class_name, features in chosen.items():
             index["classes"][class_name] = []
@@ -225,14 +191,20 @@ def run_topact(run_dir: str | os.PathLike, data_root: str | os.PathLike, config:
 
 
 def node_counts(index: dict) -> dict[str, dict[str, int]]:
-    """Per node (IP address), how many shard searches and montages it ran."""
+    """Per node (IP address), how many shard searches (of them, how many on shard bytes sent through the object
+    store) and montages it ran."""
     counts: dict[str, dict[str, int]] = {}
+
+    def count(node: str) -> dict[str, int]:
+        return counts.setdefault(node, {"shards": 0, "shards_sent": 0, "montages": 0})
+
     for shard in index.get("shards", []):
-        counts.setdefault(shard["node"], {"shards": 0, "montages": 0})["shards"] += 1
+        count(shard["node"])["shards"] += 1
+        count(shard["node"])["shards_sent"] += shard["read"] == "object store"
     for entries in index["classes"].values():
         for entry in entries:
             if "node" in entry:
-                counts.setdefault(entry["node"], {"shards": 0, "montages": 0})["montages"] += 1
+                count(entry["node"])["montages"] += 1
     return dict(sorted(counts.items()))
 
 
@@ -254,7 +226,8 @@ def montage_inputs(entry: dict, class_name: str, store: FeatureStore, cfg: Topac
     shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in entry["class_shares"].items())
     return ([np.asarray(load_store_image(data_root, image["path"], size)) for image in images],
             store.spatial(cfg.split, [image["row"] for image in images])[:, entry["feature"]].astype(np.float32),
-            [f"{image['activation']:.2f} · {image['label']}\n{Path(image['path']).name}" for image in images],
+            [f"{image['activation']:.2f} · {image['label']}\n{printable_path(Path(image['path']).name)}"
+             for image in images],
             f"{class_name}: feature {entry['feature']} (rank {entry['rank']}), top {len(images)} "
             f"{cfg.split} images; among its top {entry['top_for_shares']}: {shares}",
             cfg.colormap, cfg.overlay_alpha)

@@ -3,9 +3,9 @@ against a random baseline, and concept maps beside the Grad-CAM sample's CAMs.
 
     python jobs/concepts.py --run RUN_DIR [RUN_DIR ...] --data DATA_ROOT [--address HEAD:6379] [concepts.concepts=5]
 
-Writes RUN_DIR/concepts/{index.json,config.yaml,<class>-c<n>.png,<class>-samples.png,parts/}. Each (run, class)
-is a Ray task when several are pending (--no-ray: one after another in this process); a rerun reuses the
-classes already done.
+Writes RUN_DIR/concepts/{index.json,config.yaml,<class>-c<n>.png,<class>-samples.png,parts/}. The work runs
+as Ray tasks over the store's shards (sample, gather, per-class NMF fit, measure), for the shown classes
+(figures.max_classes); --no-ray: in this process; a rerun reuses the classes already done.
 """
 import contextlib
 
@@ -37,8 +37,8 @@ def main() -> None:
                       f"vs {concept['random_importance']:.3f} random (beats it on {concept['beats_random']:.0%} of "
                       f"{entry['importance_images']} {index['importance_split']} images)  -> {concept['montage']}")
             print(f"{run.path} {class_name}: {entry['images']} {index['split']} images, NMF relative error "
-                  f"{entry['reconstruction_error']:.3f}, {entry['seconds']:.0f} s, peak RSS {entry['peak_rss_mib']:.0f} "
-                  f"MiB  -> {entry['sample_figure']}")
+                  f"{entry['reconstruction_error']:.3f} (the computation of every pending class: {entry['seconds']:.0f} s, "
+                  f"peak RSS {entry['peak_rss_mib']:.0f} MiB)  -> {entry['sample_figure']}")
         print(f"wrote {run.concepts_index}")
 
 

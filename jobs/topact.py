@@ -3,8 +3,9 @@
     python jobs/topact.py --run RUN_DIR --data DATA_ROOT [--address HEAD:6379] [topact.features_per_class=5]
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 -- python jobs/topact.py --run RUN_DIR --data DATA_ROOT
 
-Only this process reads RUN_DIR and DATA_ROOT: shard columns, images and spatial maps reach the Ray workers
-through the object store, and the montages come back as PNG bytes. index.json records the node of each piece.
+Search tasks read their shard where their node sees RUN_DIR, else get its bytes through the object store; only this
+process reads DATA_ROOT (montage images travel through the object store, PNGs come back). index.json records the node
+of each piece.
 """
 from catdog.cli import config_from, parser, run_job, writable_dir
 from catdog.run import RunDir

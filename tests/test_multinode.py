@@ -4,8 +4,8 @@ one of which sees an empty tmpfs where the run directory and data root are, and 
     pytest -m multinode            # root only; skipped, with the reason, where namespaces cannot be made
 
 The tests share one set of three hosts (module scope) and run in file order: the helper's own checks, the
-two-host Accelerate runs, then the Ray cluster (job submission of the sweep and the top-activation search, a
-Tune sweep killed and resumed, and last a worker host killed in the middle of a sweep).
+two-host Accelerate runs, then the Ray cluster (job submission of the sweep, the top-activation search and the
+concepts, a Tune sweep killed and resumed, and last a worker host killed in the middle of a sweep).
 """
 from __future__ import annotations
 
@@ -377,6 +377,10 @@ def test_topact_job_spreads_shards_and_montages_and_equals_a_single_host_result(
     print(f"topact work per node: {index['nodes']}")
     assert set(index["nodes"]) == {cluster[1].ip, cluster[2].ip}
     assert sum(n["shards"] for n in index["nodes"].values()) == 6
+    # host 3 does not see the run directory: its tasks got their shards' bytes (a shard it turned down may be
+    # searched on host 2 with its bytes too); host 2 reads shard files
+    reads = {node: {s["read"] for s in index["shards"] if s["node"] == node} for node in index["nodes"]}
+    assert reads[cluster[2].ip] == {"object store"} and "file" in reads[cluster[1].ip]
     assert sum(n["montages"] for n in index["nodes"].values()) == 4
     # the same as one host: every entry's images by brute force, every montage byte for byte as drawn here
     store = FeatureStore(run / "features")
@@ -389,6 +393,41 @@ def test_topact_job_spreads_shards_and_montages_and_equals_a_single_host_result(
             local = base / "logs" / f"local-{entry['montage']}"
             draw_feature(entry, name, store, config.topact, root, local)
             assert local.read_bytes() == (run / "topact" / entry["montage"]).read_bytes()
+
+
+CONCEPT_SETTINGS = ["concepts.concepts=3", "concepts.batch_images=5", "concepts.passes=2",
+                    "concepts.images_per_concept=4", "concepts.random_directions=3", "gradcam.images_per_class=2"]
+
+
+def test_concepts_job_runs_its_shard_tasks_on_both_workers_and_equals_a_single_host_result(cluster, base, tiny_run,
+                                                                                             synthetic_root):
+    from catdog.concepts import run_concepts
+    from catdog.extract import extract
+
+    run = Path(shutil.copytree(tiny_run, base / "work" / "concepts-job"))
+    extract(load_config(run / "config.yaml", ["extract.shard_size=8", "extract.mixed_precision='no'"]), run,
+            synthetic_root)
+    out = submit(cluster, base, "concepts-job", str(REPO / "jobs" / "concepts.py"), *CONCEPT_SETTINGS,
+                 "--run", str(run), "--data", str(synthetic_root))
+    index = json.loads((run / "concepts" / "index.json").read_text())
+    print(f"concepts tasks per node: {index['nodes']}")
+    assert set(index["nodes"]) == {cluster[1].ip, cluster[2].ip}, out  # both workers; host 3 sees no run directory
+    steps = {step: sum(n.get(step, 0) for n in index["nodes"].values()) for step in ("sample", "fit", "measure")}
+    assert steps == {"sample": 6, "fit": 2, "measure": 6 + 2}  # 48 train and 10 val images in shards of 8
+    # host 3 does not see the run directory: each of its shard tasks got the shard's bytes; host 2 reads files
+    # (and may take shards host 3 turned down, with their bytes)
+    shard_tasks = {node: sum(n.get(step, 0) for step in ("sample", "gather", "measure"))
+                   for node, n in index["nodes"].items()}
+    assert index["nodes"][cluster[2].ip]["shards_sent"] == shard_tasks[cluster[2].ip] > 0
+    assert index["nodes"][cluster[1].ip].get("shards_sent", 0) < shard_tasks[cluster[1].ip]
+    # the same as one process on one host
+    local = Path(shutil.copytree(run, base / "concepts-local", ignore=shutil.ignore_patterns("concepts")))
+    expected = run_concepts([local], synthetic_root, load_config(run / "config.yaml", CONCEPT_SETTINGS),
+                            use_ray=False)[str(local)]
+    for name in ("cat", "dog"):
+        for a, b in zip(expected["classes"][name]["concepts"], index["classes"][name]["concepts"]):
+            assert a["importance"] == pytest.approx(b["importance"], rel=1e-4, abs=1e-6)
+            assert [i["row"] for i in a["images"]] == [i["row"] for i in b["images"]]
 
 
 SLOW_DRIVER = '''

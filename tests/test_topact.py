@@ -7,10 +7,12 @@ import pytest
 import ray
 from PIL import Image
 
+from catdog.cluster import _run_shard
 from catdog.config import load_config
 from catdog.errors import CatdogError
 from catdog.store import FeatureStore
-from catdog.topact import draw_feature, empty_topk, merge_topk, run_topact, search_top_activations, update_topk
+from catdog.topact import (draw_feature, empty_topk, merge_topk, run_topact, search_top_activations, shard_topk,
+                           update_topk)
 from conftest import make_image_folder
 from synthetic_store import write_rankings, write_store
 
@@ -67,6 +69,7 @@ def test_search_over_shards_on_ray_equals_brute_force(ray_local, topact_run):
     assert len(store.shards("train")) == 3
     assert [n["file"] for n in nodes] == [p.name for p in store.shards("train")]
     assert {n["node"] for n in nodes} == {ray.util.get_node_ip_address()}
+    assert {n["read"] for n in nodes} == {"file"}  # this node sees the run directory
     assert len(np.unique(features[:, chosen])) < features.shape[0]  # ties are present
     assert np.array_equal(top.rows, brute_force(features[:, chosen], 5))
     labels, paths = store.labels("train"), store.paths("train")
@@ -99,8 +102,34 @@ def test_montages_and_index(ray_local, topact_run, tmp_path):
                 assert montage.width > 500 and montage.height > 200
     assert sorted(p.name for p in out.glob("*.png")) == ["cat-f0.png", "cat-f2.png", "dog-f2.png", "dog-f4.png"]
     here = ray.util.get_node_ip_address()
-    assert index["nodes"] == {here: {"shards": 3, "montages": 4}}
+    assert index["nodes"] == {here: {"shards": 3, "shards_sent": 0, "montages": 4}}
     assert [s["rows"] for s in index["shards"]] == [5, 5, 2]
+
+
+def test_only_the_shown_classes_get_montages(ray_local, topact_run, tmp_path):
+    run = Path(shutil.copytree(topact_run[0], tmp_path / "run"))
+    index = run_topact(run, topact_run[1], load_config(None, [*OVERRIDES, "figures.max_classes=1"]))
+    # no val predictions in this run: the first class is shown
+    assert list(index["classes"]) == ["cat"] and index["classes_total"] == 2
+    assert sorted(p.name for p in (run / "topact").glob("*.png")) == ["cat-f0.png", "cat-f2.png"]
+
+
+def test_a_task_whose_node_does_not_see_the_shard_gets_its_bytes(ray_local, topact_run, tmp_path):
+    """The rule of catdog.cluster: a task reads the shard file where its node sees it; where it does not, it asks
+    for the file's bytes (the namespace cluster of test_multinode.py runs it across hosts)."""
+    store = FeatureStore(topact_run[0] / "features")
+    info, path = store.shard_infos("train")[1], store.shards("train")[1]
+    chosen = np.array([1, 3])
+    seen, found, where = _run_shard(shard_topk, str(path), info, None, chosen, 3)
+    assert seen and where["read"] == "file"
+    unseen = _run_shard(shard_topk, str(tmp_path / "elsewhere" / info.file), info, None, chosen, 3)
+    assert unseen[:2] == (False, None)
+    (tmp_path / "other.h5").write_bytes(path.read_bytes()[:-1])  # a file there, but not the manifest's
+    assert _run_shard(shard_topk, str(tmp_path / "other.h5"), info, None, chosen, 3)[0] is False
+    seen, sent, where = _run_shard(shard_topk, str(tmp_path / "elsewhere" / info.file), info, path.read_bytes(),
+                                   chosen, 3)
+    assert seen and where["read"] == "object store"
+    assert np.array_equal(sent[0].rows, found[0].rows) and sent[1] == found[1]
 
 
 def test_montages_drawn_on_ray_equal_montages_drawn_here(ray_local, topact_run, tmp_path):
