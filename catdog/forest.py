@@ -5,6 +5,10 @@ Importance is the impurity importance (mean decrease in Gini impurity, scikit-le
 on cuML it is read from ``feature_importances_`` where the installed cuML has it, else derived from the
 fitted trees (``get_json``) with the same definition. The per-class ranking signs each feature's importance
 by the class its activation favours (see ``signed_importances``), so each class gets its own list.
+
+A forest fits on rows held in memory, so it fits on a stratified sample of at most ``forest.max_train_rows`` train
+rows (``stratified_rows``, read shard by shard with ``read_rows``); its accuracies and the per-class means behind
+the signed importances are streamed over every row of the store, one shard at a time.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import io
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
+import h5py
 import numpy as np
 
 from catdog.config import Config, ForestConfig, save_config
@@ -75,15 +80,77 @@ def impurity_importances(trees: list[dict], n_features: int) -> np.ndarray:
     return mean / mean.sum()
 
 
-def signed_importances(importances: np.ndarray, features: np.ndarray, labels: np.ndarray,
-                       n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per class c and feature j: ``importance_j * sign(mean_j on class c - mean_j on the other classes)``.
+def signed_importances(importances: np.ndarray, mean_in: np.ndarray, mean_out: np.ndarray) -> np.ndarray:
+    """Per class c and feature j: ``importance_j * sign(mean_j on class c - mean_j on the other classes)``, as
+    (n_classes, D), from the means ``class_means`` gives."""
+    return importances[None, :] * np.sign(mean_in - mean_out)
 
-    Returns ``(signed, mean_in_class, mean_in_others)``, each (n_classes, D).
-    """
-    mean_in = np.stack([features[labels == c].mean(axis=0) for c in range(n_classes)])
-    mean_out = np.stack([features[labels != c].mean(axis=0) for c in range(n_classes)])
-    return importances[None, :] * np.sign(mean_in - mean_out), mean_in, mean_out
+
+def stratified_rows(labels: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
+    """Ascending row ids (shard order) of a seeded stratified sample of at most ``max_rows`` rows; all rows when
+    they fit. Each class keeps its share (largest remainders round it) and at least one row, so a bound below the
+    number of classes is exceeded by that much. scikit-learn's stratified splitters refuse a class of one row and
+    may leave rare classes out: hence this."""
+    n = len(labels)
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = counts * (max_rows / n)
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(quota - exact, kind="stable")[:max_rows - quota.sum()]] += 1
+    quota = np.maximum(quota, 1)
+    rng = np.random.default_rng(seed)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    return np.sort(np.concatenate([rng.choice(rows, size, replace=False) for rows, size in zip(by_class, quota)]))
+
+
+def read_rows(store: FeatureStore, split: str, rows: np.ndarray,
+              columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's ``rows`` (ascending row ids) with only ``columns`` (in the order given; all by default), and
+    their labels, read shard by shard (one shard's rows in memory besides the result). The features come as one
+    float32 array in Fortran order: each column contiguous, so its first k columns are a view, which
+    scikit-learn's trees use as it is (they copy any other dtype)."""
+    width = store.feature_dim if columns is None else len(columns)
+    features = np.empty((len(rows), width), dtype=np.float32, order="F")
+    labels = np.empty(len(rows), dtype=np.int64)
+    for info in store.shard_infos(split):
+        lo, hi = np.searchsorted(rows, [info.first_row, info.first_row + info.rows])
+        if lo == hi:
+            continue
+        selection = slice(None) if hi - lo == info.rows else rows[lo:hi] - info.first_row
+        with h5py.File(store.path / info.file, "r") as f:
+            block = f["features"][selection]
+            labels[lo:hi] = f["labels"][selection]
+        features[lo:hi] = block if columns is None else block[:, columns]
+    return features, labels
+
+
+def iter_shards(store: FeatureStore, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A split's ``(features, labels)``, one shard at a time, in row order."""
+    for path in store.shards(split):
+        with h5py.File(path, "r") as f:
+            yield f["features"][:], f["labels"][:]
+
+
+def class_means(store: FeatureStore, split: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's mean on each class and on the other classes, ``(mean_in, mean_out)``, each (n_classes, D),
+    over every row of the split (streamed; sums in float64)."""
+    sums = np.zeros((n_classes, store.feature_dim))
+    counts = np.zeros(n_classes)
+    for features, labels in iter_shards(store, split):
+        np.add.at(sums, labels, features.astype(np.float64))
+        counts += np.bincount(labels, minlength=n_classes)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a class without rows: NaN, as numpy's mean gives
+        return sums / counts[:, None], (sums.sum(axis=0) - sums) / (counts.sum() - counts)[:, None]
+
+
+def accuracy(store: FeatureStore, split: str, predict: Predict) -> float:
+    """The share of a split's rows that ``predict`` gets right, streamed shard by shard."""
+    correct = total = 0
+    for features, labels in iter_shards(store, split):
+        correct += int(np.sum(predict(features) == labels))
+        total += len(labels)
+    return correct / total
 
 
 def rank_descending(scores: np.ndarray) -> np.ndarray:
@@ -156,7 +223,8 @@ def _save_npy(path: os.PathLike, array: np.ndarray) -> None:
 
 
 def run_forest(config: Config, run_dir: str | os.PathLike, verify: bool = False) -> dict:
-    """Fit the forest on the run's train features, score every split, write ``RUN/forest/``. Returns the summary.
+    """Fit the forest on (a stratified sample of) the run's train features, score every split, write
+    ``RUN/forest/``. Returns the summary. Only the sample is held in memory (``forest.max_train_rows``).
 
     ``verify``: check every shard's full checksum first (by default only its size and header)."""
     cfg = config.forest
@@ -165,17 +233,22 @@ def run_forest(config: Config, run_dir: str | os.PathLike, verify: bool = False)
     if "train" not in store.splits:
         raise CatdogError(f"feature store {store.path}: no train split (it has {store.splits}); "
                           f"extract it: jobs/extract.py --run {run.path} --data DATA_ROOT")
-    features, labels = store.features("train"), store.labels("train")
+    train_rows = store.num_rows("train")
+    features, labels = read_rows(store, "train",
+                                 stratified_rows(store.labels("train"), cfg.max_train_rows, cfg.random_state))
     backend = choose_backend(cfg.backend, cfg.backend != "sklearn" and cuml_available())
-    print(f"forest: {cfg.n_estimators} trees on {len(labels)} x {features.shape[1]} train features, "
+    sampled = f" (a stratified sample of {train_rows})" if len(labels) < train_rows else ""
+    print(f"forest: {cfg.n_estimators} trees on {len(labels)} x {features.shape[1]} train features{sampled}, "
           f"backend {backend}")
     start = time.perf_counter()
     predict, importances = (fit_cuml if backend == "cuml" else fit_sklearn)(cfg, features, labels)
     fit_seconds = time.perf_counter() - start
+    del features
 
-    accuracies = {f"{split}_accuracy": float(np.mean(predict(store.features(split)) == store.labels(split)))
+    accuracies = {f"{split}_accuracy": accuracy(store, split, predict)
                   for split in ["train", *[s for s in store.splits if s != "train"]]}
-    signed, mean_in, mean_out = signed_importances(importances, features, labels, len(store.classes))
+    mean_in, mean_out = class_means(store, "train", len(store.classes))
+    signed = signed_importances(importances, mean_in, mean_out)
     top = {"global": rank_descending(importances)[:10].tolist()}
     top.update({name: rank_descending(signed[c])[:10].tolist() for c, name in enumerate(store.classes)})
     summary = {
@@ -185,8 +258,9 @@ def run_forest(config: Config, run_dir: str | os.PathLike, verify: bool = False)
         "n_estimators": cfg.n_estimators,
         "random_state": cfg.random_state,
         "max_depth": max_depth_for(cfg, backend),
-        "train_rows": int(len(labels)),
-        "feature_dim": int(features.shape[1]),
+        "train_rows": train_rows,
+        "fit_rows": int(len(labels)),
+        "feature_dim": store.feature_dim,
         "classes": store.classes,
         "checkpoint_sha256": store.manifest["checkpoint_sha256"],
         "importance": "impurity (mean decrease in Gini impurity)",

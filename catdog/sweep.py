@@ -2,16 +2,28 @@
 
 A cell is one (k, classifier, hyperparameters) combination. ``fit_cell`` is the pure core. ``run_sweep`` is the
 job: a Tune ``Tuner`` with one ``grid_search`` over the cells still missing from ``RUN/sweep/results.csv``, one
-trial per cell (one CPU each), the features put into Ray's object store once (``tune.with_parameters``: each
-node fetches them once, every trial on it reads them from shared memory), Tune's experiment directory in
-``RUN/sweep/tune/grid``. Each finished trial is appended to results.csv (rewritten atomically, with the node
-that ran it); a rerun after a kill resumes the experiment with ``Tuner.restore`` (finished trials are not run
-again), and ``RUN/sweep/accuracy_vs_k.png`` is drawn last.
+trial per cell, Tune's experiment directory in ``RUN/sweep/tune/grid``. Each finished trial is appended to
+results.csv (rewritten atomically, with the node that ran it); a rerun after a kill resumes the experiment with
+``Tuner.restore`` (finished trials are not run again), and ``RUN/sweep/accuracy_vs_k.png`` is drawn last.
 
 Hyperparameters come from the config: a classifier parameter given as ``{grid_search: [v1, v2, ...]}`` (Tune's
 own spelling) becomes an axis of the grid, e.g. ``lr: {estimator: LogisticRegression, params: {C: {grid_search:
 [0.1, 1.0]}}}``; results.csv gets a ``param_<name>`` column per axis. Ray workers import this module to run a
 trial, so it imports nothing heavy (no torch; Ray Tune, which the trials run in anyway).
+
+What the trials get (``load_split_data``), bounded whatever the number of images: each split's stratified sample
+(``sweep.max_train_rows`` train rows, ``sweep.max_eval_rows`` test and val rows; ``sample_rows``) with only the
+columns of the largest k, in ranking order, read shard by shard as one float32 array per split in Fortran order,
+and put into Ray's object store once (``tune.with_parameters``: each node fetches it once, every trial on it maps
+it from shared memory). A trial fits on the first k columns, a view: scikit-learn's trees copy nothing (an
+estimator that needs float64, such as LogisticRegression, copies its k columns). Test and val are sampled rather
+than streamed because a trial may run on a node that cannot read the store, and because the curve compares
+accuracies a few tenths of a point apart, which 50,000 rows resolve (a standard error of at most 0.22 points).
+results.csv records the sample of each cell (``sample``: empty when every row was used).
+
+Each trial asks Tune for the CPUs it uses (``trial_cpus``): its classifier's ``n_jobs`` when the params set one,
+else an equal share of the cluster's CPUs (``cpu_share``), which the fit gets as joblib's default ``n_jobs`` and
+as its BLAS thread limit, so a node's cores are busy even when there are fewer cells than CPUs.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -29,15 +42,18 @@ from typing import Callable, Union
 
 import numpy as np
 import ray
+from joblib import parallel_config
 from ray import tune
 from ray.exceptions import RayTaskError
 from sklearn.base import ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
 from sklearn.utils import all_estimators
+from threadpoolctl import threadpool_limits
 
 from catdog.cluster import node_id, node_name, ray_session, resolve_address
 from catdog.config import SPLITS, ClassifierSpec, Config, SweepConfig, save_config
 from catdog.errors import CatdogError
+from catdog.forest import read_rows, stratified_rows
 from catdog.io import atomic_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
@@ -49,12 +65,16 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("k", "classifier", "n_features", "test_accuracy", "val_accuracy", "fit_seconds",
                   "estimator", "params", "ranking")
 """The columns every results.csv has (older files have only these)."""
+SAMPLE_COLUMN = "sample"
+"""The rows a cell used, e.g. ``train 50000/200000 test 25000/25000 val 25000/25000 seed 0``; empty when it used
+every row of every split (as in older files, which lack the column). Part of a cell's key."""
 RUN_COLUMNS = ("node", "node_id", "trial_id")
 """Where each cell ran: the node's IP address and Ray node id, and its Tune trial."""
 EXPERIMENT = "grid"
 """Tune's experiment name: its directory is ``RUN/sweep/tune/grid``."""
 SplitData = dict[str, tuple[np.ndarray, np.ndarray]]
-"""``{"train": (X, y), "test": (X, y), "val": (X, y)}`` with X of shape (N, D)."""
+"""``{"train": (X, y), "test": (X, y), "val": (X, y)}``: each split's sampled rows, X of shape (rows, K) float32
+in Fortran order, column j the feature ranked j-th (the sweep's largest k: K)."""
 
 
 class SweepFailed(RuntimeError):
@@ -78,14 +98,22 @@ def build_estimator(spec: ClassifierSpec) -> ClassifierMixin:
         raise CatdogError(f"sweep.classifiers: bad params for {spec.estimator}: {exc}") from None
 
 
-def fit_cell(data: SplitData, feature_idx: np.ndarray, estimator: ClassifierMixin) -> dict:
-    """Fit a clone of ``estimator`` on the train rows' ``feature_idx`` columns; score it on test and val."""
+def _columns(x: np.ndarray, columns: range | np.ndarray) -> np.ndarray:
+    """``x``'s ``columns``: a view for a range of step 1, a copy for column indices."""
+    if isinstance(columns, range) and columns.step == 1:
+        return x[:, columns.start:columns.stop]
+    return x[:, columns]
+
+
+def fit_cell(data: SplitData, columns: range | np.ndarray, estimator: ClassifierMixin) -> dict:
+    """Fit a clone of ``estimator`` on the train rows' ``columns`` (trials pass ``range(k)``: the first k, without
+    a copy; or column indices); score it on test and val."""
     model = clone(estimator)
     x_train, y_train = data["train"]
     start = time.perf_counter()
-    model.fit(x_train[:, feature_idx], y_train)
+    model.fit(_columns(x_train, columns), y_train)
     fit_seconds = time.perf_counter() - start
-    scores = {f"{split}_accuracy": float(accuracy_score(y, model.predict(x[:, feature_idx])))
+    scores = {f"{split}_accuracy": float(accuracy_score(y, model.predict(_columns(x, columns))))
               for split, (x, y) in data.items() if split != "train"}
     return {**scores, "fit_seconds": fit_seconds}
 
@@ -93,25 +121,28 @@ def fit_cell(data: SplitData, feature_idx: np.ndarray, estimator: ClassifierMixi
 @dataclass(frozen=True)
 class Cell:
     """One point of the grid; ``k`` as configured (an int or ``"all"``), ``spec`` with concrete parameters,
-    ``hyper`` the values this cell takes on the grid's hyperparameter axes (empty without axes)."""
+    ``sample`` the rows it uses (``SAMPLE_COLUMN``), ``hyper`` the values this cell takes on the grid's
+    hyperparameter axes (empty without axes)."""
 
     k: Union[int, str]
     classifier: str
     spec: ClassifierSpec
     n_features: int
     ranking: str
+    sample: str
     hyper: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> tuple[str, ...]:
-        """What identifies a finished cell in results.csv (a changed parameter means a new cell)."""
-        return (str(self.k), self.classifier, self.spec.estimator, _params_text(self.spec.params), self.ranking)
+        """What identifies a finished cell in results.csv (a changed parameter or sample means a new cell)."""
+        return (str(self.k), self.classifier, self.spec.estimator, _params_text(self.spec.params), self.ranking,
+                self.sample)
 
     def as_config(self) -> dict:
         """The cell as a Tune trial's config (plain values, shown in Tune's tables and result.json)."""
         return {"k": self.k, "classifier": self.classifier, "estimator": self.spec.estimator,
                 "params": dict(self.spec.params), "n_features": self.n_features, "ranking": self.ranking,
-                "hyper": dict(self.hyper)}
+                "sample": self.sample, "hyper": dict(self.hyper)}
 
 
 def _params_text(params: dict) -> str:
@@ -134,13 +165,13 @@ def expand_spec(name: str, spec: ClassifierSpec) -> list[tuple[ClassifierSpec, d
     return out
 
 
-def sweep_cells(cfg: SweepConfig, feature_dim: int) -> list[Cell]:
+def sweep_cells(cfg: SweepConfig, feature_dim: int, sample: str = "") -> list[Cell]:
     """The grid: classifier by classifier, each hyperparameter set with every k in the order listed; k is capped
-    at the feature count."""
+    at the feature count. ``sample``: the rows every cell uses (``describe_sample``; empty: all of them)."""
     for k in cfg.ks:
         if k != "all" and k > feature_dim:
             log.warning("sweep.ks: k=%s exceeds the store's %d features; that cell uses all of them", k, feature_dim)
-    return [Cell(k, name, concrete, feature_dim if k == "all" else min(k, feature_dim), cfg.ranking, hyper)
+    return [Cell(k, name, concrete, feature_dim if k == "all" else min(k, feature_dim), cfg.ranking, sample, hyper)
             for name, spec in cfg.classifiers.items() for concrete, hyper in expand_spec(name, spec)
             for k in cfg.ks]
 
@@ -156,23 +187,46 @@ def hyper_columns(cells_or_rows) -> list[str]:
     return list(names)
 
 
+def cpu_share(cells: int, total_cpus: int, node_cpus: int) -> int:
+    """The CPUs of a trial whose classifier leaves ``n_jobs`` unset: the cluster's CPUs spread over the cells,
+    rounded up (no CPU idle while every cell waits to run), at most a node's (a trial runs on one node)."""
+    return max(1, min(node_cpus, math.ceil(total_cpus / max(1, cells))))
+
+
+def trial_cpus(spec: ClassifierSpec, share: int, node_cpus: int) -> int:
+    """The CPUs a cell's trial asks for: its classifier's ``n_jobs`` where the params set it (a negative one: a whole
+    node), at most ``node_cpus``; else ``share``, which the fit gets as joblib's default ``n_jobs``."""
+    n_jobs = spec.params.get("n_jobs")
+    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool):
+        return share
+    return max(1, min(n_jobs if n_jobs > 0 else node_cpus, node_cpus))
+
+
+def _trial_resources(config: dict) -> tune.PlacementGroupFactory:
+    """What Tune reserves for a trial: the CPUs its config says it uses (``trial_cpus``)."""
+    return tune.PlacementGroupFactory([{"CPU": config["cell"]["cpus"]}])
+
+
 def _config_key(config: dict) -> tuple[str, ...]:
     c = config["cell"]
-    return (str(c["k"]), c["classifier"], c["estimator"], _params_text(c["params"]), c["ranking"])
+    return (str(c["k"]), c["classifier"], c["estimator"], _params_text(c["params"]), c["ranking"], c["sample"])
 
 
-def _cell_trial(config: dict, data: SplitData, order: np.ndarray, estimators: dict, fit: Callable = fit_cell,
+def _cell_trial(config: dict, data: SplitData, estimators: dict, fit: Callable = fit_cell,
                 skip: frozenset = frozenset()) -> None:
-    """A Tune trial: fit one cell, report its scores and the node that ran it (once). The estimators come
-    built from the driver (by cell key), so a worker never resolves class names (scikit-learn's
-    ``all_estimators`` imports every module: seconds per trial). A cell in ``skip`` (already in results.csv
-    when a restored experiment still lists it as unfinished) reports at once, without a fit."""
+    """A Tune trial: fit one cell on the first ``n_features`` columns of ``data`` (ranking order), with the CPUs
+    it asked for as joblib's default ``n_jobs`` and the BLAS thread limit; report its scores and the node that
+    ran it (once). The estimators come built from the driver (by cell key), so a worker never resolves class
+    names (scikit-learn's ``all_estimators`` imports every module: seconds per trial). A cell in ``skip``
+    (already in results.csv when a restored experiment still lists it as unfinished) reports at once, without
+    a fit."""
     cell, key = config["cell"], _config_key(config)
     if key in skip:
         tune.report({"done": True, "skipped": True})
         return
     try:
-        result = fit(data, order[:cell["n_features"]], estimators[key])
+        with parallel_config(n_jobs=cell["cpus"]), threadpool_limits(cell["cpus"]):
+            result = fit(data, range(cell["n_features"]), estimators[key])
     except (ValueError, CatdogError) as exc:  # the data or parameters: a retry would only repeat it
         tune.report({"user_error": f"{type(exc).__name__}: {exc}", "done": False})
         return
@@ -192,7 +246,7 @@ def read_results(path: Path) -> list[dict]:
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
-    columns = [*RESULT_COLUMNS, *hyper_columns(rows), *RUN_COLUMNS]
+    columns = [*RESULT_COLUMNS, SAMPLE_COLUMN, *hyper_columns(rows), *RUN_COLUMNS]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", restval="")
         writer.writeheader()
@@ -202,17 +256,32 @@ def write_results(path: Path, rows: list[dict]) -> None:
 def result_row(cell: Cell, result: dict) -> dict:
     return {"k": str(cell.k), "classifier": cell.classifier, "n_features": cell.n_features,
             "estimator": cell.spec.estimator, "params": _params_text(cell.spec.params), "ranking": cell.ranking,
-            **{f"param_{key}": value for key, value in cell.hyper.items()},
+            SAMPLE_COLUMN: cell.sample, **{f"param_{key}": value for key, value in cell.hyper.items()},
             **{key: result[key] for key in ("test_accuracy", "val_accuracy", "fit_seconds")},
             **{key: result.get(key, "") for key in RUN_COLUMNS}}
 
 
 def _row_key(row: dict) -> tuple[str, ...]:
-    return (row["k"], row["classifier"], row["estimator"], row["params"], row["ranking"])
+    return (row["k"], row["classifier"], row["estimator"], row["params"], row["ranking"], row.get(SAMPLE_COLUMN, ""))
 
 
-def load_split_data(store: FeatureStore) -> SplitData:
-    return {split: (store.features(split), store.labels(split)) for split in SPLITS}
+def sample_rows(store: FeatureStore, cfg: SweepConfig) -> dict[str, np.ndarray]:
+    """Each split's row ids the cells use: a stratified sample of at most ``max_train_rows`` train rows and
+    ``max_eval_rows`` test and val rows (all rows where they fit), in shard order."""
+    return {split: stratified_rows(store.labels(split), cfg.max_train_rows if split == "train" else cfg.max_eval_rows,
+                                   cfg.seed) for split in SPLITS}
+
+
+def describe_sample(rows: dict[str, np.ndarray], store: FeatureStore, seed: int) -> str:
+    """The sample as results.csv records it (``SAMPLE_COLUMN``): empty when it is every row of every split."""
+    if all(len(ids) == store.num_rows(split) for split, ids in rows.items()):
+        return ""
+    return " ".join(f"{split} {len(ids)}/{store.num_rows(split)}" for split, ids in rows.items()) + f" seed {seed}"
+
+
+def load_split_data(store: FeatureStore, rows: dict[str, np.ndarray], columns: np.ndarray) -> SplitData:
+    """Each split's sampled ``rows`` with only ``columns``, in that order (the ranking's first K)."""
+    return {split: read_rows(store, split, ids, columns) for split, ids in rows.items()}
 
 
 def _cell_of(config: dict, cells: dict[tuple, Cell]) -> Cell | None:
@@ -258,20 +327,21 @@ def _failure(error: BaseException, config: dict) -> BaseException:
     return error
 
 
-def run_tune(run: RunDir, data: SplitData, order: np.ndarray, todo: list[Cell], all_cells: list[Cell],
+def run_tune(run: RunDir, data: SplitData, todo: list[Cell], all_cells: list[Cell],
              max_retries: int, finished: dict, save: Callable[[], None],
-             fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell) -> list[str]:
+             fit: Callable[[SplitData, range, ClassifierMixin], dict] = fit_cell) -> list[str]:
     """Run the ``todo`` cells as the Tune experiment ``RUN/sweep/tune/grid`` (needs a Ray session), restoring
-    it when a run of the same cells was interrupted. Each result lands in ``finished`` (then ``save()``).
-    Returns the cells fitted by this call, as ``"<classifier and hyperparameters> k=<k> (<trial id>)"``."""
+    it when a run of the same cells was interrupted. ``data``: at least the largest k of ``todo`` columns, in
+    ranking order. Each result lands in ``finished`` (then ``save()``). Returns the cells fitted by this call,
+    as ``"<classifier and hyperparameters> k=<k> (<trial id>)"``."""
     tune_dir = run.sweep_tune_dir
     experiment = tune_dir / EXPERIMENT
     cells_file = tune_dir / "cells.json"
     by_key = {cell.key: cell for cell in all_cells}
     skip = frozenset(key for key in finished if key in by_key)
     estimators = {cell.key: build_estimator(cell.spec) for cell in all_cells}
-    trainable = tune.with_resources(tune.with_parameters(_cell_trial, data=data, order=order, estimators=estimators,
-                                                         fit=fit, skip=skip), {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(_cell_trial, data=data, estimators=estimators, fit=fit,
+                                                         skip=skip), _trial_resources)
     # the experiment's state is saved at most a second behind, so a killed run resumes where it was
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     run_config = tune.RunConfig(
@@ -302,10 +372,16 @@ def run_tune(run: RunDir, data: SplitData, order: np.ndarray, todo: list[Cell], 
             tune_dir.mkdir(parents=True, exist_ok=True)
             write_json(cells_file, [list(cell.key) for cell in todo])
             ordered = sorted(todo, key=lambda cell: -cell.n_features)  # the longest fits first
+            node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+            share = cpu_share(len(todo), sum(node_cpus), max(node_cpus))
+            cpus = {cell.key: trial_cpus(cell.spec, share, max(1, *node_cpus)) for cell in todo}
+            log.info("sweep: %d trial(s) on %d CPU(s): %s CPU(s) each", len(todo), sum(node_cpus),
+                     ", ".join(sorted({str(n) for n in cpus.values()}, key=int)))
             # on a cluster, a fresh actor per trial: concurrent trials are placed over the nodes (reused actors
             # keep taking the next trial on whichever node finished first); on one node, reuse saves start-ups
-            reuse = len([node for node in ray.nodes() if node["Alive"]]) == 1
-            tuner = tune.Tuner(trainable, param_space={"cell": tune.grid_search([c.as_config() for c in ordered])},
+            reuse = len(node_cpus) == 1
+            tuner = tune.Tuner(trainable, param_space={"cell": tune.grid_search(
+                                   [{**c.as_config(), "cpus": cpus[c.key]} for c in ordered])},
                                tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=_trial_name,
                                                            trial_name_creator=_trial_name),
                                run_config=run_config)
@@ -338,16 +414,17 @@ def run_tune(run: RunDir, data: SplitData, order: np.ndarray, todo: list[Cell], 
 
 
 def run_sweep(run_dir: str | os.PathLike, config: Config, address: str | None = None, verify: bool = False,
-              fit: Callable[[SplitData, np.ndarray, ClassifierMixin], dict] = fit_cell) -> list[dict]:
+              fit: Callable[[SplitData, range, ClassifierMixin], dict] = fit_cell) -> list[dict]:
     """The sweep job: compute the cells missing from ``RUN/sweep/results.csv`` as a Tune experiment, then plot.
 
     Returns the rows of the grid in grid order. Rows of results.csv that belong to no cell of the current
-    config (another k list, changed parameters) are dropped from the file.
+    config (another k list, changed parameters, another sample) are dropped from the file.
     """
     cfg, run = config.sweep, RunDir(run_dir)
     store = FeatureStore(run.features_dir, verify=verify)
     order = read_ranking(run, cfg.ranking, store.feature_dim)
-    cells = sweep_cells(cfg, store.feature_dim)
+    sample = sample_rows(store, cfg)
+    cells = sweep_cells(cfg, store.feature_dim, describe_sample(sample, store, cfg.seed))
     for cell in cells:
         build_estimator(cell.spec)  # a misspelt name fails here, before results.csv is touched
     results_path = run.sweep_results
@@ -365,9 +442,11 @@ def run_sweep(run_dir: str | os.PathLike, config: Config, address: str | None = 
 
     save()
     if todo:
-        data = load_split_data(store)
+        data = load_split_data(store, sample, order[:max(cell.n_features for cell in todo)])
+        log.info("sweep: %s rows x the first %d ranked features", "/".join(str(len(y)) for _, y in data.values()),
+                 data["train"][0].shape[1])
         with ray_session(address):
-            ran = run_tune(run, data, order, todo, cells, cfg.max_retries, finished, save, fit)
+            ran = run_tune(run, data, todo, cells, cfg.max_retries, finished, save, fit)
         log.info("sweep: trials fitted by this run: %d: %s", len(ran), "; ".join(ran))
     rows = read_results(results_path)
     plot_accuracy(rows, run.sweep_plot, title=f"ranking: {cfg.ranking}")  # last: marks the stage complete

@@ -13,8 +13,10 @@ from sklearn.ensemble import RandomForestClassifier
 
 from catdog.config import load_config, save_config
 from catdog.errors import CatdogError
-from catdog.forest import (CUML_DEPTH_CAP, choose_backend, impurity_importances, max_depth_for, per_class_csv,
-                           rank_descending, ranking_csv, run_forest, signed_importances)
+from catdog.forest import (CUML_DEPTH_CAP, choose_backend, class_means, impurity_importances, max_depth_for,
+                           per_class_csv, rank_descending, ranking_csv, read_rows, run_forest, signed_importances,
+                           stratified_rows)
+from catdog.store import FeatureStore
 from test_store import CLASSES, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,18 +62,51 @@ def test_impurity_importances_from_tree_json_match_sklearn():
     assert rank_descending(importances)[0] == 2
 
 
-def test_signed_importances_give_each_class_its_own_ranking():
+def test_signed_importances_give_each_class_its_own_ranking(tmp_path):
     labels = np.array([0, 0, 0, 1, 1, 1])
     features = np.zeros((6, 4))
     features[labels == 0, 0] = 3.0          # fires for class 0
     features[labels == 1, 1] = 2.0          # fires for class 1
     features[:, 3] = 1.0                    # the same for both
-    importances = np.array([0.2, 0.5, 0.1, 0.2])
-    signed, mean_in, mean_out = signed_importances(importances, features, labels, 2)
-    np.testing.assert_allclose(signed, [[0.2, -0.5, 0.0, 0.0], [-0.2, 0.5, 0.0, 0.0]])
+    write_store(tmp_path / "features", {"train": (features, labels)}, shard_size=4, spatial_shape=None)
+    store = FeatureStore(tmp_path / "features")
+    mean_in, mean_out = class_means(store, "train", 2)  # streamed over two shards
     np.testing.assert_allclose(mean_in[0], [3, 0, 0, 1])
     np.testing.assert_allclose(mean_out[0], [0, 2, 0, 1])
+    signed = signed_importances(np.array([0.2, 0.5, 0.1, 0.2]), mean_in, mean_out)
+    np.testing.assert_allclose(signed, [[0.2, -0.5, 0.0, 0.0], [-0.2, 0.5, 0.0, 0.0]])
     assert rank_descending(signed[0])[0] == 0 and rank_descending(signed[1])[0] == 1
+
+
+def test_a_stratified_sample_keeps_every_class_and_its_proportions():
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.repeat([0, 1, 2, 3], [7000, 2300, 690, 10]))  # 70%, 23%, 6.9%, 0.1%
+    rows = stratified_rows(labels, 1000, seed=0)
+    assert np.all(np.diff(rows) > 0)  # distinct row ids, in shard order
+    counts = np.bincount(labels[rows], minlength=4)
+    np.testing.assert_array_equal(counts, [700, 230, 69, 1])  # each share, to the row
+    assert len(rows) == 1000
+    rows_of_five = stratified_rows(labels, 5, seed=0)  # class 3's share rounds to 0 rows: it keeps one
+    assert set(labels[rows_of_five]) == {0, 1, 2, 3} and len(rows_of_five) <= 7
+    np.testing.assert_array_equal(stratified_rows(labels, 1000, seed=0), rows)  # seeded
+    assert not np.array_equal(stratified_rows(labels, 1000, seed=1), rows)
+    np.testing.assert_array_equal(stratified_rows(labels, len(labels), seed=0), np.arange(len(labels)))
+    np.testing.assert_array_equal(stratified_rows(labels, None, seed=0), np.arange(len(labels)))
+
+
+def test_read_rows_takes_rows_and_columns_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(23, 6)).astype(np.float32), np.arange(23) % 2
+    write_store(tmp_path / "features", {"train": (features, labels)}, shard_size=5, spatial_shape=None)
+    store = FeatureStore(tmp_path / "features")
+    rows, columns = np.array([0, 4, 5, 6, 12, 22]), np.array([5, 0, 3])
+    x, y = read_rows(store, "train", rows, columns)
+    np.testing.assert_array_equal(x, features[rows][:, columns])
+    np.testing.assert_array_equal(y, labels[rows])
+    assert x.dtype == np.float32 and x.flags.f_contiguous
+    x, y = read_rows(store, "train", np.arange(23))  # whole shards, every column
+    np.testing.assert_array_equal(x, features)
+    np.testing.assert_array_equal(y, labels)
 
 
 def test_rank_descending_keeps_lower_index_first_on_ties():
@@ -124,6 +159,28 @@ def test_forest_writes_summary_importances_and_per_class_rankings(tmp_path):
     assert set(top["cat"]) == {0, 1} and set(top["dog"]) == {2, 3}
     assert summary["top10"]["cat"][:2] == top["cat"] and summary["top10"]["cat"] != summary["top10"]["dog"]
     assert (out / "config.yaml").is_file()
+
+
+def test_forest_on_a_sample_fits_the_sample_and_scores_every_row(tmp_path):
+    splits = separable_splits()
+    features, labels = splits["train"]
+    write_store(tmp_path / "features", splits, shard_size=25, spatial_shape=None)
+    config = load_config(None, ["forest.n_estimators=25", "forest.n_jobs=1", "forest.max_train_rows=30"])
+    summary = run_forest(config, tmp_path)
+    assert summary["train_rows"] == 60 and summary["fit_rows"] == 30
+
+    rows = stratified_rows(labels, 30, config.forest.random_state)
+    assert np.bincount(labels[rows]).tolist() == [15, 15]
+    direct = RandomForestClassifier(n_estimators=25, random_state=config.forest.random_state, n_jobs=1)
+    direct.fit(features[rows].astype(np.float32), labels[rows])
+    importances = np.load(tmp_path / "forest" / "importances.npy")
+    np.testing.assert_allclose(importances, direct.feature_importances_, rtol=1e-6, atol=1e-12)
+    for split, (x, y) in splits.items():  # every row scored, not only the sample
+        assert summary[f"{split}_accuracy"] == pytest.approx(np.mean(direct.predict(x.astype(np.float32)) == y))
+    per_class = list(csv.DictReader((tmp_path / "forest" / "ranking_per_class.csv").open()))
+    cat_means = {int(r["feature"]): float(r["mean_in_class"]) for r in per_class if r["class"] == "cat"}
+    np.testing.assert_allclose([cat_means[j] for j in range(8)], features[labels == 0].mean(axis=0), rtol=1e-5,
+                               atol=1e-6)  # the means cover all 60 train rows
 
 
 def test_forest_without_a_store_is_a_clear_error(tmp_path):

@@ -18,12 +18,15 @@ from sklearn.metrics import accuracy_score
 
 from catdog.config import ClassifierSpec, SweepConfig, load_config, save_config
 from catdog.errors import CatdogError
-from catdog.sweep import (SweepFailed, build_estimator, fit_cell, format_table, read_results, run_sweep, sweep_cells,
-                          write_results)
+from catdog.store import FeatureStore
+from catdog.sweep import (SweepFailed, build_estimator, cpu_share, fit_cell, format_table, load_split_data,
+                          read_results, run_sweep, sample_rows, sweep_cells, trial_cpus, write_results)
 from conftest import REPO
 from synthetic_store import write_rankings, write_store
 
 DIM, INFORMATIVE = 16, 3
+RANKING = [INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE]
+"""The fixture's global ranking: the informative feature first."""
 CLASSIFIERS = ("sweep.classifiers={rf: {estimator: RandomForestClassifier, params: {n_estimators: 8, random_state: 0}},"
                " lr: {estimator: LogisticRegression, params: {max_iter: 200}}}")
 
@@ -43,8 +46,7 @@ def sweep_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sweep") / "run"
     splits = {"train": split_arrays(60, 0), "test": split_arrays(30, 1), "val": split_arrays(30, 2)}
     write_store(run / "features", splits, ["cat", "dog"], shard_size=25)
-    order = [INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE]
-    write_rankings(run / "forest", order, {"cat": order, "dog": order[::-1]})
+    write_rankings(run / "forest", RANKING, {"cat": RANKING, "dog": RANKING[::-1]})
     save_config(load_config(None, ["sweep.ks=[1, 4, all]", CLASSIFIERS]), run / "config.yaml")
     return run
 
@@ -54,8 +56,6 @@ def copy_run(sweep_run: Path, tmp_path: Path) -> Path:
 
 
 def data_of(run: Path) -> dict:
-    from catdog.store import FeatureStore
-
     store = FeatureStore(run / "features")
     return {split: (store.features(split), store.labels(split)) for split in ("train", "test", "val")}
 
@@ -63,7 +63,7 @@ def data_of(run: Path) -> dict:
 def expected_accuracies(run: Path) -> dict:
     """Each cell fitted serially, in this process: (k, classifier) -> (test, val)."""
     config = load_config(run / "config.yaml")
-    data, order = data_of(run), np.array([INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE])
+    data, order = data_of(run), np.array(RANKING)
     out = {}
     for cell in sweep_cells(config.sweep, DIM):
         result = fit_cell(data, order[:cell.n_features], build_estimator(cell.spec))
@@ -96,6 +96,39 @@ def test_estimators_are_resolved_by_name_with_clear_errors():
         build_estimator(ClassifierSpec(estimator="RandomForrestClassifier"))
     with pytest.raises(CatdogError, match="bad params for LogisticRegression"):
         build_estimator(ClassifierSpec(estimator="LogisticRegression", params={"trees": 3}))
+
+
+def test_the_trials_data_is_the_top_columns_of_the_sample(sweep_run):
+    """One Fortran-ordered float32 array per split, the ranking's first K columns in order; a cell's first k
+    columns of it fit exactly as the same columns picked from the whole store."""
+    store, full = FeatureStore(sweep_run / "features"), data_of(sweep_run)
+    order = np.array(RANKING)
+    config = load_config(sweep_run / "config.yaml", ["sweep.max_train_rows=20", "sweep.max_eval_rows=10"])
+    sample = sample_rows(store, config.sweep)
+    assert {split: len(rows) for split, rows in sample.items()} == {"train": 20, "test": 10, "val": 10}
+    assert all(np.bincount(full[split][1][rows]).tolist() == [len(rows) // 2] * 2 for split, rows in sample.items())
+    data = load_split_data(store, sample, order[:4])
+    for split, (x, y) in data.items():
+        assert x.dtype == np.float32 and x.flags.f_contiguous and x.shape == (len(sample[split]), 4)
+        np.testing.assert_array_equal(x, full[split][0][sample[split]][:, order[:4]])
+        np.testing.assert_array_equal(y, full[split][1][sample[split]])
+    assert np.shares_memory(data["train"][0][:, :2], data["train"][0])
+    whole = load_split_data(store, sample_rows(store, load_config(sweep_run / "config.yaml").sweep), order[:4])
+    forest = RandomForestClassifier(n_estimators=8, random_state=0)
+    picked = fit_cell(full, order[:2], forest)
+    sliced = fit_cell(whole, range(2), forest)
+    assert (sliced["test_accuracy"], sliced["val_accuracy"]) == (picked["test_accuracy"], picked["val_accuracy"])
+
+
+def test_each_trial_asks_for_the_cpus_it_uses():
+    assert cpu_share(cells=6, total_cpus=2, node_cpus=2) == 1
+    assert cpu_share(cells=3, total_cpus=16, node_cpus=16) == 6  # rounded up: no CPU idle at the start
+    assert cpu_share(cells=2, total_cpus=64, node_cpus=16) == 16  # a trial runs on one node
+    rf = ClassifierSpec(estimator="RandomForestClassifier")
+    assert trial_cpus(rf, share=3, node_cpus=16) == 3
+    assert trial_cpus(rf.model_copy(update={"params": {"n_jobs": 4}}), share=3, node_cpus=16) == 4
+    assert trial_cpus(rf.model_copy(update={"params": {"n_jobs": 64}}), share=3, node_cpus=16) == 16
+    assert trial_cpus(rf.model_copy(update={"params": {"n_jobs": -1}}), share=3, node_cpus=16) == 16
 
 
 def test_grid_caps_k_at_the_feature_count():
@@ -155,12 +188,49 @@ def test_hyperparameter_axes_become_grid_cells_and_columns(ray_local, sweep_run,
     assert [(row["param_C"], row["param_max_features"]) for row in rows] == [
         ("", "1"), ("", "1"), ("", "sqrt"), ("", "sqrt"), ("0.01", ""), ("0.01", ""), ("1.0", ""), ("1.0", "")]
     data = data_of(run)
-    order = np.array([INFORMATIVE] + [f for f in range(DIM) if f != INFORMATIVE])
+    order = np.array(RANKING)
     for cell, row in zip(cells, rows):
         serial = fit_cell(data, order[:cell.n_features], build_estimator(cell.spec))
         assert (float(row["test_accuracy"]), float(row["val_accuracy"])) == (serial["test_accuracy"],
                                                                              serial["val_accuracy"])
     assert "lr C=0.01" in format_table(rows)
+
+
+def test_a_sampled_sweep_fits_its_sample_and_equals_the_unsampled_one_when_every_row_fits(ray_local, sweep_run,
+                                                                                          tmp_path):
+    run = copy_run(sweep_run, tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def recording_fit(data, columns, estimator):
+        from joblib import effective_n_jobs
+
+        (marks / f"{time.time_ns()}-{effective_n_jobs()}").touch()
+        return fit_cell(data, columns, estimator)
+
+    def rf_only(*overrides: str):
+        """One cell: the forest on every feature."""
+        config = load_config(run / "config.yaml", ["sweep.ks=[all]", *overrides])
+        config.sweep.classifiers = {"rf": config.sweep.classifiers["rf"]}
+        return config
+
+    sampled = rf_only("sweep.max_train_rows=20", "sweep.max_eval_rows=10")
+    [row] = run_sweep(run, sampled, fit=recording_fit)
+    assert row["sample"] == "train 20/60 test 10/30 val 10/30 seed 0"
+    store, full, order = FeatureStore(run / "features"), data_of(run), np.array(RANKING)
+    sample = sample_rows(store, sampled.sweep)
+    serial = fit_cell({split: (x[sample[split]], y[sample[split]]) for split, (x, y) in full.items()}, order,
+                      build_estimator(sampled.sweep.classifiers["rf"]))
+    assert (float(row["test_accuracy"]), float(row["val_accuracy"])) == (serial["test_accuracy"],
+                                                                         serial["val_accuracy"])
+    assert [p.name.rsplit("-", 1)[1] for p in marks.iterdir()] == ["2"]  # the one cell got both CPUs
+
+    every_row = rf_only("sweep.max_train_rows=60", "sweep.max_eval_rows=30")
+    [row] = run_sweep(run, every_row, fit=recording_fit)  # another sample: fitted again
+    assert row["sample"] == "" and len(list(marks.iterdir())) == 2
+    unsampled = fit_cell(full, order, build_estimator(every_row.sweep.classifiers["rf"]))
+    assert (float(row["test_accuracy"]), float(row["val_accuracy"])) == (unsampled["test_accuracy"],
+                                                                         unsampled["val_accuracy"])
 
 
 def test_sweep_survives_a_killed_worker(ray_local, sweep_run, tmp_path):
