@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 from catdog.errors import CatdogError
+from catdog.io import open_text
 from catdog.run import RunDir
 
 
@@ -21,7 +22,7 @@ def confusions(run_dir: str | os.PathLike, classes: list[str]) -> Optional[list[
         return None
     index = {name: i for i, name in enumerate(classes)}
     counts = [0] * len(classes)
-    with open(path, newline="") as handle:
+    with open_text(path) as handle:
         for line, row in enumerate(csv.DictReader(handle), start=2):
             try:
                 label, predicted = index[row["label"]], index[row["predicted"]]

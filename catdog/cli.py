@@ -9,18 +9,55 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from catdog.config import Config, load_config, load_recipe
 from catdog.errors import CatdogError
+from catdog.io import TEXT_ERRORS
 from catdog.run import RunDir
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown option, a missing value, a value its type refuses) are a ``CatdogError``:
+    one line ``error: ...`` naming the option, exit code 2, like every other mistake (plain argparse prints its
+    usage, then ``prog: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CatdogError(f"{message} (see {self.prog} --help)")
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (a count of images, workers or processes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}; give {minimum} or more")
+        return value
+    return parse
+
+
+def numbers(count: int) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: ``count`` comma-separated numbers (e.g. ``0.8,0.1,0.1``); their range is checked where
+    they are used."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {count} comma-separated numbers")
+        return values
+    return parse
 
 
 def parser(description: str, overrides: bool = True, recipes: bool = False) -> argparse.ArgumentParser:
     """An argument parser that keeps the usage examples' line breaks, with ``--config FILE`` and trailing
     ``section.key=value`` overrides (unless ``overrides`` is False, for jobs without a config); with ``recipes``,
     also ``--model NAME``: that model's recipe (``catdog.config.load_recipe``) instead of a config file."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if recipes:
         p.add_argument("--model", help="a model name: its recipe configs/<NAME>.yaml when catdog ships one, else the "
                                        "defaults with model.name=NAME (instead of --config)")
@@ -106,6 +143,8 @@ def run_job(main: Callable[[], object], go_on: str = "run the same command again
     disk, exit code 2, and Ctrl-C, exit code 130, each with ``go_on``, how to continue. Every artefact is written
     under a temporary name and renamed, so neither leaves a partial file under a final name."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its own bytes, as ls does
+        sys.stdout.reconfigure(errors=TEXT_ERRORS)
     try:
         main()
     except CatdogError as exc:

@@ -1,4 +1,13 @@
-"""Atomic file output: every artefact is written under a temporary name, then renamed into place."""
+"""Atomic file output: every artefact is written under a temporary name, then renamed into place; and the one rule
+for file names in artefacts.
+
+A file name is whatever bytes the file system allows, not necessarily UTF-8 (a photo copied from an old camera card
+or another OS). Python lists such a name as a ``str`` with surrogate escapes (``os.fsdecode``); catdog keeps it
+that way in memory and writes it losslessly: HDF5 stores its bytes (``path_to_bytes``, read back with
+``path_from_bytes``), text artefacts (CSV) hold its bytes (``write_text`` and ``open_text`` use
+``TEXT_ERRORS``), JSON holds ``\\udcxx`` escapes (``write_json``), and titles and pages
+show ``printable_path``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +17,27 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 _TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")
+TEXT_ERRORS = "surrogateescape"
+"""How text artefacts encode and decode: UTF-8, with a file name's bytes that are not UTF-8 written as they are."""
+
+
+def path_to_bytes(path: str | os.PathLike) -> bytes:
+    """A path as the file system's bytes (``os.fsencode``): how a name that is not UTF-8 is stored (HDF5)."""
+    return os.fsencode(path)
+
+
+def path_from_bytes(data: bytes) -> str:
+    """The path ``path_to_bytes`` stored, as ``os.listdir`` gives it (bytes that are not UTF-8 as surrogate escapes)."""
+    return os.fsdecode(data)
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """A path as text any font, page or terminal takes: bytes that are not UTF-8 shown as ``\\xe9`` (for titles and
+    pages only: the artefacts keep the name itself)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def temp_path(path: str | os.PathLike, pid: int | None = None) -> Path:
@@ -79,12 +106,19 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` to ``path`` atomically, as UTF-8; a file name in it that is not UTF-8 is written as its own bytes."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors=TEXT_ERRORS)
+
+
+def open_text(path: str | os.PathLike) -> TextIO:
+    """Open a text artefact (a CSV) for reading as ``write_text`` wrote it: file names come back as they were."""
+    return open(path, encoding="utf-8", errors=TEXT_ERRORS, newline="")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` as JSON, atomically; ASCII, so a file name that is not UTF-8 is kept as ``\\udcxx`` escapes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -30,7 +30,7 @@ from catdog.data import (IMAGE_SUFFIXES, build_transform, limit_image_pixels, lo
                          warn_skipped)
 from catdog.devices import autocast, inference_device
 from catdog.errors import CatdogError
-from catdog.io import write_json, write_text
+from catdog.io import printable_path, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir
 
@@ -318,7 +318,7 @@ def predict(run_path: str | os.PathLike, out: str | os.PathLike, paths: Sequence
                     for row, (index, heat) in enumerate(zip(indices, maps)):
                         item, top = items[index], int(predicted[index])
                         label = classes[item.label] if item.label is not None else classes[top]
-                        draw_grid([photos[row].astype(np.float32) / 255], [item.path.name],
+                        draw_grid([photos[row].astype(np.float32) / 255], [printable_path(item.path.name)],
                                   [{"title": "Grad-CAM, predicted class", "maps": heat[None],
                                     "predictions": [{"predicted": classes[top], "label": label,
                                                      "probability": float(probabilities[index, top])}]}],

@@ -19,7 +19,7 @@ precision the run evaluated with (summary.json "mixed_precision", e.g. bf16 on a
 model's CAM layer, titled with the prediction and its probability (red when a labelled image is wrong).
 """
 
-from catdog.cli import parser, run_job, writable_dir
+from catdog.cli import parser, run_job, whole_number, writable_dir
 from catdog.predict import PRECISIONS, confusion_table, predict
 
 
@@ -32,13 +32,11 @@ def main() -> None:
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image to OUT/cam/")
     p.add_argument("--precision", choices=("run", *PRECISIONS), default="run",
                    help="autocast precision; 'run' (default): the one the run evaluated with, from its summary.json")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's data.eval_batch_size)")
-    p.add_argument("--workers", type=int, help="decoding workers (default: the run's data.num_workers)")
+    p.add_argument("--batch-size", type=whole_number(1),
+                   help="images per batch (default: the run's data.eval_batch_size)")
+    p.add_argument("--workers", type=whole_number(0), help="decoding workers (default: the run's data.num_workers)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda when available, else cpu)")
     args = p.parse_args()
-    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
-        if value is not None and value < (1 if flag == "--batch-size" else 0):
-            p.error(f"{flag} {value}: must be {'positive' if flag == '--batch-size' else 'zero or more'}")
     writable_dir(args.out, "--out")
     result = predict(args.run, args.out, args.paths, labelled=args.labelled, precision=args.precision, cam=args.cam,
                      device=args.device, batch_size=args.batch_size, workers=args.workers)

@@ -5,10 +5,10 @@
 """
 from pathlib import Path
 
-from catdog.cli import parser, run_job, writable_dir
+from catdog.cli import numbers, parser, run_job, whole_number, writable_dir
 from catdog.download import PETIMAGES_URL, fetch_petimages
 from catdog.errors import CatdogError
-from catdog.prepare import prepare
+from catdog.prepare import check_fractions, prepare
 
 
 def main() -> None:
@@ -17,19 +17,16 @@ def main() -> None:
     p.add_argument("--download", action="store_true", help="download PetImages first (needs internet)")
     p.add_argument("--url", default=PETIMAGES_URL, help="archive to download")
     p.add_argument("--out", type=Path, required=True, help="data root to write ({train,test,val}/<class>/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="0.8,0.1,0.1", help="train,test,val fractions")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--split", type=numbers(3), default="0.8,0.1,0.1", help="train,test,val fractions")
+    p.add_argument("--workers", type=whole_number(1), help="decoding processes (default: one per CPU)")
     args = p.parse_args()
     if args.source is None and not args.download:
         raise CatdogError("give --source DIR, or --download to fetch PetImages")
+    check_fractions(args.split, "--split")
     writable_dir(args.out, "--out")
-    try:
-        fractions = tuple(float(x) for x in args.split.split(","))
-    except ValueError:
-        raise CatdogError(f"--split {args.split!r}: expected three comma-separated fractions, e.g. 0.8,0.1,0.1") from None
     source = args.source or fetch_petimages(args.out.parent / "downloads", args.url)
-    report = prepare(source, args.out, seed=args.seed, fractions=fractions, workers=args.workers)
+    report = prepare(source, args.out, seed=args.seed, fractions=args.split, workers=args.workers)
     print(f"{report['images']} images: {report['counts']}; converted {len(report['converted'])}, "
           f"quarantined {len(report['quarantined'])} (see {args.out / 'prepare_report.json'})")
 

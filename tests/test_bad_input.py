@@ -184,3 +184,48 @@ def test_a_run_directory_that_is_not_one(job, tmp_path, monkeypatch, capsys):
     error = run_job(job, ["--run", tmp_path / "nowhere"], monkeypatch, capsys)
     assert f"run {tmp_path / 'nowhere'}: no config.yaml" in error
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("job, args, option", [
+    ("predict", ["--batch-size", "0"], "--batch-size"),
+    ("predict", ["--batch-size", "many"], "--batch-size"),
+    ("predict", ["--workers", "-1"], "--workers"),
+    ("predict", ["--precision", "fp8"], "--precision"),
+    ("prepare", ["--workers", "0"], "--workers"),
+    ("prepare", ["--split", "0.8,0.2"], "--split"),
+    ("prepare", ["--split", "0.5,0.1,0.1"], "--split"),
+    ("prepare", ["--seed", "x"], "--seed"),
+    ("train", ["--epochs", "3"], "--epochs"),
+])
+def test_nonsense_option_values(job, args, option, synthetic_root, tmp_path, monkeypatch, capsys):
+    """A bad option value (or an unknown option) is one line naming the option, before any work: nothing written."""
+    common = {"predict": ["--run", tmp_path / "run", "--out", tmp_path / "out", synthetic_root / "val"],
+              "prepare": ["--source", synthetic_root / "train", "--out", tmp_path / "out"],
+              "train": ["--data", synthetic_root, "--out", tmp_path / "out"]}[job]
+    error = run_job(job, [*common, *args], monkeypatch, capsys)
+    assert option in error
+    assert not (tmp_path / "out").exists()
+
+
+def launch(args: list[str]) -> subprocess.CompletedProcess:
+    """``./launch.sh ARGS``: its options are checked before the environment is set up, so this starts nothing."""
+    return subprocess.run(["./launch.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--processes", "0"], "--processes 0"),
+    (["--processes", "two"], "--processes two"),
+    (["--processes", "-1"], "--processes -1"),
+    (["--data"], "--data needs a value"),
+    (["--data", "--out", "x"], "--data needs a value"),
+    (["--models"], "--models needs"),
+    (["--weights", "resnet50"], "--weights resnet50"),
+    (["--set", "optim.epochs"], "--set optim.epochs"),
+    (["--source", "/nonexistent/pool"], "--source /nonexistent/pool"),
+    (["--verbose"], "unknown option --verbose"),
+])
+def test_launch_refuses_nonsense_options(args, option, tmp_path):
+    done = launch([*args, "--out", str(tmp_path / "runs")])
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and option in done.stderr and len(done.stderr.splitlines()) == 1
+    assert done.stdout == "" and not (tmp_path / "runs").exists()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from catdog.predict import InputImage, cam_file_names, classification_metrics, confusion_table, list_inputs
 from conftest import run_script
@@ -227,3 +228,26 @@ def test_list_inputs_dedupes_and_checks(tmp_path):
     listed = list_inputs([tmp_path / "d" / "b.png", tmp_path / "d"])
     assert [item.path.name for item in listed] == ["b.png", "a.JPG"]
     assert listed[1].name == "d/a.JPG"
+
+
+def test_a_photo_turned_by_its_exif_tag_is_seen_upright(tiny_run, synthetic_root, tmp_path, monkeypatch, capsys):
+    """A phone's portrait photo: stored on its side with EXIF orientation 6. Every decoder (prediction, the feature
+    store's images for montages) sees the pixels of the same photo stored upright, and predicts the same."""
+    from catdog.store import load_store_image
+
+    with Image.open(synthetic_root / "val" / "cat" / "cat.0.jpg") as image:
+        upright = image.convert("RGB")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    upright.save(photos / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    upright.transpose(Image.Transpose.ROTATE_90).save(photos / "turned.png", exif=exif.tobytes())
+    assert np.array_equal(np.asarray(load_store_image(photos, "turned.png", 64)),
+                          np.asarray(load_store_image(photos, "upright.png", 64)))
+    code, _, err = run_predict(["--run", tiny_run, "--out", tmp_path / "out", "--precision", "no", photos],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    rows = {Path(row["path"]).name: row for row in read_csv(tmp_path / "out" / "predictions.csv")[1]}
+    assert rows["turned.png"]["predicted"] == rows["upright.png"]["predicted"]
+    assert abs(float(rows["turned.png"]["p_cat"]) - float(rows["upright.png"]["p_cat"])) < 1e-5  # the same pixels

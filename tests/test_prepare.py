@@ -1,5 +1,8 @@
+import hashlib
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +71,36 @@ def test_kaggle_naming_and_bad_source(tmp_path):
     assert [(p.cls, p.name) for p in discover_pool(flat)] == [("cat", "cat.1.jpg"), ("dog", "dog.7.jpg")]
     with pytest.raises(CatdogError, match="no such directory"):
         discover_pool(tmp_path / "absent")
+
+
+def test_a_name_that_is_not_utf8_is_placed_and_reported(tmp_path):
+    """A photo named in Latin-1 (an old camera card) keeps its name; UTF-8 names keep the split they always had."""
+    source = _petimages(tmp_path / "PetImages")
+    latin1 = os.fsdecode(b"chat_\xe9t\xe9.jpg")
+    os.rename(source / "Cat" / "3.jpg", source / "Cat" / latin1)
+    out = tmp_path / "data"
+    report = prepare(source, out, workers=2)
+    placed = [p for p in out.glob("*/cat/*") if "chat" in p.name]
+    assert [p.name for p in placed] == [f"cat.{Path(latin1).stem}.jpg"]
+    assert placed[0].parent.parent.name == assign_split(placed[0].name, seed=0)
+    assert placed[0].read_bytes() == (source / "Cat" / latin1).read_bytes()
+    assert json.loads((out / "prepare_report.json").read_text())["counts"] == report["counts"]
+    name = "cat.ü.jpg"  # UTF-8: hashed from the same bytes as before names that are not UTF-8 were allowed
+    u = int.from_bytes(hashlib.sha256(f"0:{name}".encode()).digest()[:8], "big") / 2**64
+    assert assign_split(name, seed=0) == ("train" if u < 0.8 else "test" if u < 0.9 else "val")
+
+
+def test_a_converted_photo_is_turned_upright_by_its_exif_tag(tmp_path):
+    """A PNG stored on its side with EXIF orientation 6 (rotate 90° clockwise to view) is re-encoded upright."""
+    y, x = np.mgrid[0:30, 0:40]
+    upright = np.stack([x * 6, y * 8, np.full_like(x, 128)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it
+    pool = tmp_path / "pool" / "Cat"
+    pool.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(pool / "1.png", exif=exif.tobytes())
+    report = prepare(tmp_path / "pool", tmp_path / "data", workers=1)
+    assert len(report["converted"]) == 1
+    with Image.open(next((tmp_path / "data").glob("*/cat/cat.1.jpg"))) as placed:
+        assert placed.size == (40, 30)
+        assert np.abs(np.asarray(placed, dtype=float) - upright).mean() < 8  # JPEG loss; turned the wrong way: 80
