@@ -52,12 +52,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from catdog.classes import classes_shown
 from catdog.config import Config, DataConfig, GradcamConfig, save_config
 from catdog.data import ImageDataset, find_classes, load_rgb
 from catdog.splits import open_split
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, file_sha256, read_json, write_json
+from catdog.io import atomic_path, file_sha256, printable_path, read_json, write_json
 from catdog.models import Network, cam_layer_name
 from catdog.progress import progress_bar
 from catdog.run import RunDir, run_label
@@ -107,6 +108,15 @@ def sample_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
         members = np.flatnonzero(labels == label)
         chosen += sorted(rng.choice(members, min(per_class, len(members)), replace=False).tolist())
     return chosen
+
+
+def grid_sample(labels: list[int], shown: list[int], per_class: int, seed: int) -> list[int]:
+    """The grid's rows: ``sample_per_class``'s images of the ``shown`` classes, in their order (the same images of a
+    class whichever others are shown)."""
+    by_class: dict[int, list[int]] = {}
+    for index in sample_per_class(labels, per_class, seed):
+        by_class.setdefault(labels[index], []).append(index)
+    return [index for label in shown for index in by_class.get(label, [])]
 
 
 def sample_indices(total: int, count: int, seed: int) -> list[int]:
@@ -517,13 +527,15 @@ def _explain(network: Network, method: str, dataset: ImageDataset, grid_rows: li
     return {**result, "grid_predictions": grid_predictions, "sanity": sanity}, maps, faith_maps
 
 
-def _identity(run: RunDir, method: str, data_root: Path, cfg: GradcamConfig, data: DataConfig) -> dict:
+def _identity(run: RunDir, method: str, data_root: Path, cfg: GradcamConfig, data: DataConfig,
+              grid_classes: list[str]) -> dict:
     """What a part's numbers depend on: a stored part is reused only when all of it matches (a part written before
-    the faithfulness maps were saved lacks ``faithfulness_map_size``, so it is computed again)."""
+    the faithfulness maps were saved lacks ``faithfulness_map_size``, one written before the grid was bounded lacks
+    ``grid_classes``: either is computed again)."""
     settings = cfg.model_dump(mode="json", exclude={"methods", "batch_size"})
     return {"run": str(run.path.resolve()), "checkpoint_sha256": file_sha256(run.best_checkpoint), "method": method,
             "data": str(data_root.resolve()), "gradcam": settings, "transform": data.model_dump(mode="json"),
-            "faithfulness_map_size": MAP_SIZE}
+            "faithfulness_map_size": MAP_SIZE, "grid_classes": grid_classes}
 
 
 def _run_classes(run: RunDir, classes: list[str], data_root: Path) -> None:
@@ -570,7 +582,10 @@ def display_photo(path: Path) -> np.ndarray:
 
 def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, out: str | os.PathLike,
             config: Config) -> dict:
-    """Explain every run's model on the same val images; write ``OUT/gradcam/{grid.png,summary.json}``."""
+    """Explain every run's model on the same val images; write ``OUT/gradcam/{grid.png,summary.json}``. The grid
+    shows ``figures.max_classes`` classes, the first run's most confused first (``catdog.classes``); faithfulness scores
+    a sample of every class. The sanity check tests the method, not a class: it runs on the shown classes' images, so
+    its cost stays bounded as classes grow (13 randomisation steps per image)."""
     cfg = config.gradcam
     data_root, stage = Path(data_root), stage_dir(out)
     runs = [RunDir(p) for p in run_paths]
@@ -579,9 +594,11 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         _run_classes(run, classes, data_root)
     # the listing and photos only (each model's own transform is used below): the first run's resolved data config
     reference = open_split(data_root, "val", runs[0].config().data, classes=classes)
-    grid_rows = sample_per_class(reference.labels, cfg.images_per_class, cfg.seed)
+    shown = classes_shown(runs[0].path, classes, config.figures.max_classes)
+    grid_classes = [classes[c] for c in shown]
+    grid_rows = grid_sample(reference.labels, shown, cfg.images_per_class, cfg.seed)
     faith_rows = sample_indices(len(reference), cfg.faithfulness_images, cfg.seed)
-    sanity_rows = sample_per_class(reference.labels, cfg.sanity_images_per_class, cfg.seed + 1)
+    sanity_rows = grid_sample(reference.labels, sorted(shown), cfg.sanity_images_per_class, cfg.seed + 1)
 
     device = inference_device()
     models, columns = [], []
@@ -594,7 +611,7 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
                  "cam_layer": cam_layer_name(model_name, run_config.model.cam_layer), "methods": {}}
         for method in cfg.methods:
             part = stage / "parts" / f"{number:02d}-{run.path.name}-{method}"
-            identity = _identity(run, method, data_root, cfg, data)
+            identity = _identity(run, method, data_root, cfg, data, grid_classes)
             json_path, maps_path = part.with_suffix(".json"), part.with_suffix(".npy")
             faith_path = part.with_name(f"{part.name}-faithfulness.npy")
             if (json_path.is_file() and maps_path.is_file() and faith_path.is_file()
@@ -625,7 +642,8 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         models.append(entry)
 
     photos = [display_photo(reference.samples[i].path) for i in grid_rows]
-    titles = [f"{classes[reference.samples[i].label]}: {reference.samples[i].path.name}" for i in grid_rows]
+    titles = [f"{classes[reference.samples[i].label]}: {printable_path(reference.samples[i].path.name)}"
+              for i in grid_rows]
     draw_grid(photos, titles, columns, stage / "grid.png")
     draw_sanity(models, cfg.sanity_threshold, stage / "sanity.png")
     summary = {
@@ -640,6 +658,8 @@ def gradcam(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, ou
         "road_imputation": ROAD_IMPUTATION,
         "sanity_threshold": cfg.sanity_threshold,
         "sanity_images": [reference.relative_path(i) for i in sanity_rows],
+        "classes": classes,
+        "grid_classes": grid_classes,
         "grid_images": [reference.relative_path(i) for i in grid_rows],
         "faithfulness_images": [reference.relative_path(i) for i in faith_rows],
         "faithfulness_map_size": MAP_SIZE,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from catdog.cam import gradcam
+from catdog.classes import classes_shown
 from catdog.extract import extract
 from catdog.forest import run_forest
 from catdog.run import RunDir
@@ -47,19 +48,21 @@ def test_another_timm_family_trains_extracts_forests_and_explains(name, three_cl
 
     cams = gradcam([run], three_classes, tmp_path / "out", saved)
     assert cams["models"][0]["cam_layer"] == network.cam_layer_name
-    assert len(cams["grid_images"]) == 2 * len(CLASSES)
+    assert len(cams["grid_images"]) == 2 * len(CLASSES) and cams["grid_classes"] == list(CLASSES)  # 3 <= max_classes
     assert (tmp_path / "out" / "gradcam" / "grid.png").is_file()
 
 
 @pytest.mark.slow
 def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
-    """./launch.sh on a 3-class folder with --set overrides: every stage runs and the report shows three classes."""
+    """./launch.sh on a 3-class folder with --set overrides: every stage runs, and the per-class pictures of every
+    stage and the report are of the same two classes (figures.max_classes=2), the most confused first."""
     out = tmp_path / "runs"
     sets = ["data.image_size=64", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
             "optim.epochs=1", "extract.batch_size=8", "extract.num_workers=0", "extract.shard_size=16",
             "gradcam.images_per_class=2", "gradcam.faithfulness_images=6", "sweep.ks=[4,all]",
             "topact.features_per_class=2", "topact.images_per_feature=4", "topact.selectivity_top=10",
-            "concepts.concepts=2", "concepts.passes=1", "concepts.images_per_concept=4", "concepts.random_directions=2"]
+            "concepts.concepts=2", "concepts.passes=1", "concepts.images_per_concept=4", "concepts.random_directions=2",
+            "figures.max_classes=2"]
     command = ["./launch.sh", "--data", str(three_classes), "--models", "efficientnet_lite0", "--out", str(out)]
     for item in sets:
         command += ["--set", item]
@@ -70,13 +73,14 @@ def test_launch_runs_every_stage_on_three_classes(three_classes, tmp_path):
     for stage in ("train", "robustness", "extract", "forest", "sweep", "topact", "concepts"):
         assert run.stage_marker(stage).is_file(), stage
     assert run.config().optim.epochs == 1
-    index = json.loads(run.topact_index.read_text())
-    assert list(index["classes"]) == list(CLASSES)
-    assert list(json.loads(run.concepts_index.read_text())["classes"]) == list(CLASSES)
+    shown = [CLASSES[c] for c in classes_shown(run.path, list(CLASSES), 2)]
+    assert list(json.loads(run.topact_index.read_text())["classes"]) == shown
+    assert list(json.loads(run.concepts_index.read_text())["classes"]) == shown
+    assert json.loads((out / "gradcam" / "summary.json").read_text())["grid_classes"] == shown
     report = json.loads((out / "report" / "summary.json").read_text())
     assert report["runs"][0]["training"]["classes"] == list(CLASSES)
     page = (out / "report" / "index.html").read_text()
-    assert all(name in page for name in CLASSES)
+    assert all(f"<h4>{name}</h4>" in page for name in shown) and page.count("2 of 3 classes shown") == 3
     assert "\r" not in done.stderr and max(map(len, done.stderr.splitlines())) < 300
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

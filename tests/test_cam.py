@@ -13,9 +13,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
 from catdog import models
-from catdog.cam import (METHODS, cascade_units, faithfulness, gradcam, random_saliency, randomise, ranked,
-                        remove_pixels, road_scores, road_summary, sample_indices, sample_per_class, sanity_flags,
-                        spearman, top_fraction_mask)
+from catdog.cam import (METHODS, cascade_units, faithfulness, gradcam, grid_sample, random_saliency, randomise,
+                        ranked, remove_pixels, road_scores, road_summary, sample_indices, sample_per_class,
+                        sanity_flags, spearman, top_fraction_mask)
 from catdog.config import GradcamConfig
 from catdog.errors import CatdogError
 from catdog.io import read_json
@@ -34,6 +34,15 @@ def test_sample_per_class_is_seeded_and_balanced():
     assert len(set(sample)) == len(sample)
     assert sample_per_class(labels, 3, seed=5) == sample
     assert {tuple(sample_per_class(labels, 3, seed=s)) for s in range(10)} != {tuple(sample)}
+
+
+def test_grid_sample_keeps_each_shown_class_images_in_the_shown_order():
+    labels = [0] * 10 + [1] * 4 + [2] * 2 + [3] * 5
+    every = sample_per_class(labels, 3, seed=5)
+    grid = grid_sample(labels, [2, 0], 3, seed=5)
+    assert [labels[i] for i in grid] == [2, 2, 0, 0, 0]
+    assert set(grid) == {i for i in every if labels[i] in (0, 2)}  # the same images as when every class is shown
+    assert grid_sample(labels, [], 3, seed=5) == []
 
 
 def test_sample_indices():
