@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # catdog, the whole pipeline in one command:
 #   check -> prepare -> train -> gradcam -> robustness -> extract -> forest -> sweep -> topact -> concepts
-#   -> compare (two or more models) -> report
+#   -> audit -> compare (two or more models) -> report
 # Stages whose outputs are complete are skipped, so running it again after a kill resumes where it stopped.
 #
 #   ./launch.sh [--data DIR] [--models NAME [NAME...]] [--weights NAME=FILE ...] [--out DIR] [--source DIR]
@@ -22,19 +22,35 @@
 # At the end, the seconds each stage took: printed, and written to OUT/timings.tsv.
 set -euo pipefail
 
+# Options are checked here, before anything is set up or run; the models, overrides and weights files next, by
+# jobs/check.py. A mistake is one line "error: ..." naming the option, exit code 2.
+fail() { echo "error: $* (see ./launch.sh --help)" >&2; exit 2; }
 DATA=data/cats_vs_dogs OUT=runs SOURCE="" PROCESSES="" MODEL_LIST=() SETS=() WEIGHTS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) DATA=$(realpath -m -- "$2"); shift 2 ;;   # paths as the caller means them: launch.sh cds to its folder
-    --out) OUT=$(realpath -m -- "$2"); shift 2 ;;
+    --data|--out|--weights|--source|--processes|--set)   # each takes a value, which must not be the next option
+      [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "$1 needs a value"
+      VALUE=$2 ;;
+  esac
+  case "$1" in
+    --data) DATA=$(realpath -m -- "$VALUE"); shift 2   # paths as the caller means them: launch.sh cds to its folder
+            [ ! -e "$DATA" ] || [ -d "$DATA" ] || fail "--data $DATA: is a file; give the data folder" ;;
+    --out) OUT=$(realpath -m -- "$VALUE"); shift 2
+           [ ! -e "$OUT" ] || [ -d "$OUT" ] || fail "--out $OUT: is a file; give a folder (created if missing)" ;;
     --models) shift
-              while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do IFS=, read -r -a names <<< "$1"; MODEL_LIST+=("${names[@]}"); shift; done ;;
-    --weights) WEIGHTS+=("${2%%=*}=$(realpath -m -- "${2#*=}")"); shift 2 ;;
-    --source) SOURCE=$(realpath -m -- "$2"); shift 2 ;;
-    --processes) PROCESSES=$2; shift 2 ;;
-    --set) SETS+=("$2"); shift 2 ;;
+              while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do IFS=, read -r -a names <<< "$1"; MODEL_LIST+=("${names[@]}"); shift; done
+              [ ${#MODEL_LIST[@]} -gt 0 ] || fail "--models needs one or more model names" ;;
+    --weights) [ -n "${VALUE%%=*}" ] && [ "${VALUE%%=*}" != "$VALUE" ] && [ -n "${VALUE#*=}" ] \
+                 || fail "--weights $VALUE: give NAME=FILE, NAME one of --models"
+               WEIGHTS+=("${VALUE%%=*}=$(realpath -m -- "${VALUE#*=}")"); shift 2 ;;
+    --source) SOURCE=$(realpath -m -- "$VALUE"); shift 2
+              [ -d "$SOURCE" ] || fail "--source $SOURCE: no such folder; give the PetImages or Kaggle folder" ;;
+    --processes) [[ $VALUE =~ ^[1-9][0-9]*$ ]] || fail "--processes $VALUE: give a whole number of processes, 1 or more"
+                 PROCESSES=$VALUE; shift 2 ;;
+    --set) [ "${VALUE#*=}" != "$VALUE" ] || fail "--set $VALUE: give section.key=value, e.g. --set optim.epochs=1"
+           SETS+=("$VALUE"); shift 2 ;;
     -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
+    *) fail "unknown option $1" ;;
   esac
 done
 cd "$(dirname "$0")"
@@ -134,6 +150,10 @@ for i in "${!RUNS[@]}"; do
   if done_stage "$run" concepts; then skip concepts "$MARKER"
   else timed "concepts $model" python jobs/concepts.py ${SETS[@]+"${SETS[@]}"} --run "$run" --data "$DATA"; fi
 done
+
+stage "audit ${RUNS[*]} -> ${RUNS[0]}/audit"   # every run's store: wrong labels, outliers, duplicates, leaks
+if MARKER=$(python -m catdog.audit "${RUNS[@]}"); then skip audit "$MARKER"
+else timed audit python jobs/audit.py ${SETS[@]+"${SETS[@]}"} --run "${RUNS[@]}" --data "$DATA"; fi
 
 REPORT_ARGS=()
 if [ ${#RUNS[@]} -gt 1 ]; then

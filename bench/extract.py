@@ -25,7 +25,7 @@ from torchvision.datasets import ImageFolder
 from catdog.cli import config_from, parser, run_job
 from catdog.data import build_transform, find_classes, list_samples, load_rgb
 from catdog.devices import AUTOCAST_DTYPES, resolve_mixed_precision
-from catdog.extract import extract
+from catdog.extract import decode_workers, extract
 from catdog.models import fold_batchnorm
 from catdog.run import RunDir
 from catdog.store import FeatureStore
@@ -111,7 +111,7 @@ def main() -> None:
         network.pool(network.spatial(torch.zeros(2, 3, config.data.image_size, config.data.image_size)))
     cfg = config.extract
     print(f"{len(images)} train images, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; catdog: "
-          f"batch {cfg.batch_size}, {cfg.num_workers} workers, precision {precision}, channels_last "
+          f"batch {cfg.batch_size}, {decode_workers(cfg.num_workers)} workers, precision {precision}, channels_last "
           f"{cfg.channels_last}, fold_batchnorm {cfg.fold_batchnorm}, spatial maps {cfg.spatial}")
 
     seconds: dict[str, list[float]] = {"seed loop": [], "catdog extract": [], "catdog batch loop": [],

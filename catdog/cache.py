@@ -9,8 +9,9 @@ while its key matches, so a changed image list, a new image size or interpolatio
 written under a temporary name and renamed, and the key is removed before a rebuild and written last: a killed
 build leaves no file that a later run would take for a cache (its temporary file is removed by the next build).
 
-Images are decoded exactly as the JPEG path decodes them (``catdog.data.load_rgb``, JPEG draft mode, then
-``catdog.data.decode_steps``), so an eval batch equals the JPEG path's to float rounding. Training
+Images are decoded exactly as the JPEG path decodes them (``catdog.data.load_rgb``: EXIF orientation, JPEG draft
+mode; then ``catdog.data.decode_steps``), so an eval batch equals the JPEG path's to float rounding; the key records
+``catdog.data.DECODER_VERSION``, so a file decoded by an earlier ``load_rgb`` is rebuilt. Training
 augmentation runs on whole batches on the model's device: ``catdog.data.BatchTransform``.
 """
 from __future__ import annotations
@@ -31,13 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import ImageDataset, Sample, build_batch_transform, decode_steps, load_rgb
+from catdog.data import DECODER_VERSION, ImageDataset, Sample, build_batch_transform, decode_steps, load_rgb
 from catdog.io import atomic_path, read_json, write_json
 from catdog.progress import progress_bar
 
 CACHE_VERSION = 1
-DECODING = ("catdog.data.load_rgb(path, size) (JPEG draft mode), torchvision v2 Resize((size, size), antialias) on "
-            "the uint8 tensor")
+DECODING = ("catdog.data.load_rgb(path, size) (EXIF orientation, JPEG draft mode), torchvision v2 Resize((size, size), "
+            "antialias) on the uint8 tensor")
 log = logging.getLogger(__name__)
 
 
@@ -50,13 +51,15 @@ def key_path(cache_dir: str | os.PathLike, split: str) -> Path:
 
 
 def cache_key(root: Path, samples: list[Sample], cfg: DataConfig) -> dict:
-    """What a split's file depends on; ``digest`` hashes the sample list (relative path, label, bytes, mtime)."""
+    """What a split's file depends on: the decoder (``DECODER_VERSION``), the settings, and ``samples_sha256``, a hash
+    of the sample list (relative path, label, bytes, mtime)."""
     listing = hashlib.sha256()
     for sample in samples:
         stat = sample.path.stat()
         listing.update(json.dumps([sample.path.relative_to(root).as_posix(), sample.label, stat.st_size,
                                    stat.st_mtime_ns]).encode())
-    return {"version": CACHE_VERSION, "images": len(samples), "image_size": cfg.image_size,
+    return {"version": CACHE_VERSION, "decoder_version": DECODER_VERSION, "images": len(samples),
+            "image_size": cfg.image_size,
             "interpolation": cfg.interpolation, "decoding": DECODING, "samples_sha256": listing.hexdigest()}
 
 
@@ -144,9 +147,9 @@ class CachedImageDataset(ImageDataset):
     ``batch_transform`` turns each batch into the model's normalised float input (augmented for training), on the
     device the batch is on."""
 
-    def __init__(self, root: str | os.PathLike, split: str, classes: list[str], cfg: DataConfig, train: bool,
-                 cache_dir: str | os.PathLike):
-        super().__init__(root, split, classes, transform=None, image_size=cfg.image_size)
+    def __init__(self, root: str | os.PathLike, split: str, classes: list[str], samples: list[Sample], cfg: DataConfig,
+                 train: bool, cache_dir: str | os.PathLike):
+        super().__init__(root, split, classes, samples, transform=None, image_size=cfg.image_size)
         self.path = ensure_cache(self.root, split, self.samples, cfg, cache_dir, workers=cfg.num_workers)
         self.batch_transform = build_batch_transform(cfg, augment=train)
         self._images: np.ndarray | None = None

@@ -63,6 +63,15 @@ class DataConfig(Section):
     cache: bool = False
     """Decode and resize each image once into a uint8 array file in the run (``RUN/cache``), memory-mapped, and
     augment whole batches as tensors on the model's device: no JPEG decoding in the training loop."""
+    exclude: Optional[str] = None
+    """Image files every job leaves out of its splits (e.g. a data audit's suspects): a CSV with a ``path`` column or
+    a text file of one path per line, paths relative to the data root (``catdog.data.excluded_paths``). Made absolute
+    when the config is loaded, so that the run's config.yaml names it for every later job."""
+
+    @field_validator("exclude")
+    @classmethod
+    def _absolute(cls, exclude: Optional[str]) -> Optional[str]:
+        return None if exclude is None else str(Path(exclude).expanduser().absolute())
 
 
 class OptimConfig(Section):
@@ -114,7 +123,9 @@ class TrainConfig(Section):
 class ExtractConfig(Section):
     splits: list[str] = Field(list(SPLITS), min_length=1)
     batch_size: PositiveInt = 64
-    num_workers: NonNegativeInt = 2
+    num_workers: Optional[NonNegativeInt] = None
+    """DataLoader workers decoding images; ``None``: one per core this process may use, shared among the
+    processes of this machine (``catdog.extract.decode_workers``)."""
     shard_size: PositiveInt = 1000
     """Images per HDF5 shard."""
 
@@ -143,6 +154,9 @@ class ForestConfig(Section):
     max_depth: Optional[PositiveInt] = None
     n_jobs: int = -1
     """scikit-learn's convention: -1 uses every core."""
+    max_train_rows: Optional[PositiveInt] = 100_000
+    """The forest fits on a stratified sample of at most this many train rows (seeded by ``random_state``; every
+    class kept); ``null`` fits on all of them. Accuracies and per-class means still cover every row."""
 
 
 class ClassifierSpec(Section):
@@ -180,6 +194,12 @@ class SweepConfig(Section):
     """``global`` (the forest's importances) or a class name (that class's per-class ranking)."""
     max_retries: NonNegativeInt = 3
     """Times Tune reruns a trial whose worker or node died."""
+    max_train_rows: Optional[PositiveInt] = 50_000
+    """Cells fit on a stratified sample of at most this many train rows (every class kept); ``null``: all rows."""
+    max_eval_rows: Optional[PositiveInt] = 50_000
+    """Cells are scored on a stratified sample of at most this many rows of test and of val; ``null``: all rows."""
+    seed: int = 0
+    """Seeds the samples."""
 
 
 class TopactConfig(Section):
@@ -223,7 +243,8 @@ class GradcamConfig(Section):
     and least-relevant-first those below its (100 - p)-th, so each removes (100 - p)% (70, 90: 30% and 10%).
     Imputation time grows with the share removed: [50, 70, 90] costs about twice as much as the default."""
     sanity_images_per_class: PositiveInt = 5
-    """Val images per class (seeded) whose CAMs are recomputed at each step of the parameter randomisation."""
+    """Val images per shown class (``figures.max_classes``; seeded) whose CAMs are recomputed at each step of the
+    parameter randomisation."""
     sanity_threshold: float = Field(0.5, gt=0, lt=1)
     """A method is flagged when its maps keep a mean Spearman correlation at least this high with the trained
     model's after randomisation (of every layer, or of the classifier alone)."""
@@ -236,10 +257,13 @@ class ConceptsConfig(Section):
     """The split whose spatial maps are factorised (each class's images)."""
     importance_split: str = "val"
     """The split whose pooled features measure each concept's importance."""
+    reservoir_images: PositiveInt = 1000
+    """The NMF is fitted on a seeded uniform sample of at most this many of each class's images (held in memory:
+    this many x C x h x w float16 per class); the montages and numbers still cover all of them."""
     batch_images: PositiveInt = 64
-    """Images per partial_fit batch (each of their spatial positions is a row)."""
+    """Images per partial_fit batch (each of their spatial positions is a row), and per read in the other passes."""
     passes: PositiveInt = 3
-    """Passes of MiniBatchNMF.partial_fit over the class's images."""
+    """Passes of MiniBatchNMF.partial_fit over the class's reservoir."""
     images_per_concept: PositiveInt = 10
     """Regions in each concept's montage (one per image, the strongest)."""
     random_directions: PositiveInt = 10
@@ -259,9 +283,49 @@ class CompareConfig(Section):
     top_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of each map taken as its top region for the IoU between two models' maps."""
     cka_shuffles: PositiveInt = 20
-    """Row shuffles of one model's features averaged for the CKA baseline."""
+    """Row shuffles of one model's features for the spread of the CKA baseline (its mean is exact, in closed form)."""
+    cka_sample_rows: int = Field(2000, ge=2, le=50_000)
+    """Val rows (a seeded sample) the shuffles are measured on: they hold the sample in memory and cost
+    rows x features^2 each."""
+    regression_sample_rows: int = Field(20_000, ge=10)
+    """Train rows (a seeded sample stratified by class) each logistic regression is fitted on; test and val are
+    scored in full, streamed."""
     montage_images: PositiveInt = 12
     """At most this many disagreements in each pair's montage."""
+    seed: int = 0
+
+
+class FiguresConfig(Section):
+    """Per-class pictures (the Grad-CAM grid, top-activation montages, concepts, the report): bounded as classes grow."""
+
+    max_classes: Optional[PositiveInt] = 10
+    """Draw per-class pictures for at most this many classes, the most confused first (``catdog.classes``);
+    ``null`` draws every class."""
+
+
+class AuditConfig(Section):
+    """``jobs/audit.py``: wrong labels, outliers, duplicates and leaks, from the feature store."""
+
+    folds: int = Field(5, ge=2, le=50)
+    """Folds of the cross-validated logistic regression whose out-of-fold probabilities cleanlab ranks."""
+    fit_rows: PositiveInt = 20_000
+    """Each fold's regression is fitted on a seeded stratified sample of at most this many rows of the other folds
+    (memory: ``fit_rows`` x features x 4 bytes), then predicts every row of its fold, shard by shard."""
+    logistic_c: PositiveFloat = 1.0
+    """Inverse regularisation strength of the regression (on standardised features)."""
+    neighbours: PositiveInt = 10
+    """Nearest neighbours (feature cosine) averaged for the outlier score; also how many each image's near-duplicate
+    search looks at."""
+    outlier_fraction: float = Field(0.01, gt=0, lt=1)
+    """The most outlying share of the images is listed in outliers.csv."""
+    near_duplicate_cosine: float = Field(0.97, gt=0, le=1)
+    """Two images whose features' cosine similarity (averaged over the runs) reaches this are near-duplicates. On
+    the shared photos (Lite0) distinct photos reach 0.962 at most, resized or re-encoded copies 0.981 at least
+    (docs/audit.md)."""
+    block_rows: PositiveInt = 2048
+    """Rows per block of the blocked nearest-neighbour matrix products (memory: block_rows^2 x 4 bytes)."""
+    suspects_per_kind: PositiveInt = Field(4, le=20)
+    """The top suspects of each kind drawn with every model's Grad-CAM (RUN/audit/suspects.png, the report)."""
     seed: int = 0
 
 
@@ -277,6 +341,8 @@ class Config(Section):
     gradcam: GradcamConfig = GradcamConfig()
     concepts: ConceptsConfig = ConceptsConfig()
     compare: CompareConfig = CompareConfig()
+    figures: FiguresConfig = FiguresConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

@@ -2,24 +2,34 @@
 from __future__ import annotations
 
 import copy
+import csv
 import logging
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from catdog.config import SPLITS, DataConfig
 from catdog.errors import CatdogError
+from catdog.io import open_text
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DECODER_VERSION = 2
+"""``load_rgb``'s decoding; raised whenever its pixels change (2: EXIF orientation, JPEG draft down to
+``DRAFT_MIN_SIDE``), so that what was decoded before (``data.cache``, feature shards) is rebuilt, never mixed."""
+DRAFT_MIN_SIDE = 0.8
+"""A JPEG is decoded at the largest reduced scale (1/2, 1/4, 1/8) whose sides are both at least this fraction of the
+output size: the resize to ``size`` x ``size`` distorts the aspect anyway, and a typical 450 x 374 photo then decodes
+at 225 x 187 for 224 px instead of in full (``bench/extract.py``: decoding was the bottleneck of extraction)."""
 
 # A truncated JPEG decodes with its missing rows filled in rather than stopping an epoch.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -116,42 +126,102 @@ def warn_skipped(where: str | os.PathLike, skipped: list[tuple[Path | str, str]]
                     where, len(skipped), examples, "; ..." if len(skipped) > 3 else "")
 
 
-def list_samples(root: str | os.PathLike, split: str, classes: list[str]) -> list[Sample]:
-    """All images of a split, sorted by class then file name; files PIL cannot use (unreadable, or over
-    ``Image.MAX_IMAGE_PIXELS``: see ``limit_image_pixels``) are skipped with a warning.
+def path_list(file: Path, what: str, root: Path) -> list[tuple[int, str]]:
+    """The paths a list file names, with their line numbers: a CSV's ``path`` column (an audit list such as
+    ``RUN/audit/duplicates.csv``) or a text file of one path per line (blank lines and ``#`` comments skipped).
+    ``what`` names the list in errors (an option or a config key)."""
+    if not file.is_file():
+        raise CatdogError(f"{what} {file}: no such file; give a CSV with a 'path' column or a text file of one "
+                          f"path per line, relative to the data root {root}")
+    with open_text(file) as handle:
+        if file.suffix.lower() == ".csv":
+            reader = csv.DictReader(handle)
+            if "path" not in (reader.fieldnames or []):
+                raise CatdogError(f"{what} {file}: a CSV needs a 'path' column (its columns: "
+                                  f"{reader.fieldnames or []})")
+            lines = [(reader.line_num, row["path"] or "") for row in reader]
+        else:
+            lines = [(number, line.strip()) for number, line in enumerate(handle, 1)]
+    return [(number, text) for number, text in lines if text and not text.startswith("#")]
 
-    Every class needs at least one readable image in every split: an empty class would train a head that
-    never sees it, or make an accuracy that means nothing.
+
+def excluded_paths(exclude: str | os.PathLike | None, root: Path) -> frozenset[str]:
+    """``data.exclude``: the paths a listing leaves out (e.g. a data audit's suspects), relative to the data root in
+    POSIX form, from a CSV with a ``path`` column or a text file of one path per line (blank lines and ``#`` comments
+    skipped). Each must be a file under ``root``: a stale list would otherwise exclude nothing, silently."""
+    if exclude is None:
+        return frozenset()
+    file = Path(exclude)
+    paths = set()
+    for number, text in path_list(file, "data.exclude", root):
+        path = PurePosixPath(text)
+        if path.is_absolute() or ".." in path.parts or not (root / path).is_file():
+            raise CatdogError(f"data.exclude {file}: line {number}, {text!r}, is not an image file under the data "
+                              f"root {root}; give paths relative to it (train/cat/cat.1.jpg), or remove the line")
+        paths.add(path.as_posix())
+    return frozenset(paths)
+
+
+def list_files(root: str | os.PathLike, split: str, classes: list[str],
+               exclude: str | os.PathLike | None = None) -> list[Sample]:
+    """Every image file of a split (by suffix), sorted by class then file name, less those ``data.exclude`` names
+    (``excluded_paths``). Nothing is opened: one directory read per class, so N files cost N names, not N headers.
+    The one listing every job's split goes through; ``list_samples`` adds the header checks.
+
+    Every class needs at least one image in every split: an empty class would train a head that never sees it, or
+    make an accuracy that means nothing.
     """
     root = Path(root)
-    samples, skipped = [], []
+    skip = excluded_paths(exclude, root)
+    samples = []
     for label, name in enumerate(classes):
         class_dir = root / split / name
         if not class_dir.is_dir():
             raise CatdogError(f"split {root / split}: missing class folder {class_dir}")
-        found = 0
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            problem = image_problem(path)
-            if problem:
-                skipped.append((path, problem))
-            else:
-                samples.append(Sample(path, label))
-                found += 1
-        if not found:
-            raise CatdogError(f"class folder {class_dir}: no readable images (suffixes {sorted(IMAGE_SUFFIXES)}); "
-                              f"add images of {name!r} to {split}, or remove the class from every split")
+        with os.scandir(class_dir) as entries:
+            names = sorted(entry.name for entry in entries if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+        kept = [Sample(class_dir / file, label) for file in names if f"{split}/{name}/{file}" not in skip]
+        if not kept:
+            raise CatdogError(f"class folder {class_dir}: no readable images (suffixes {sorted(IMAGE_SUFFIXES)}"
+                              f"{', after data.exclude' if names else ''}); add images of {name!r} to {split}, or "
+                              "remove the class from every split")
+        samples += kept
+    return samples
+
+
+def list_samples(root: str | os.PathLike, split: str, classes: list[str],
+                 exclude: str | os.PathLike | None = None) -> list[Sample]:
+    """``list_files``, less the files PIL cannot use (unreadable, or over ``Image.MAX_IMAGE_PIXELS``: see
+    ``limit_image_pixels``), found from each header and skipped with a warning: what training reads, where a file
+    that fails in a loader worker would end the epoch. Opens every header (about 0.1 ms each): extraction, which
+    decodes every image anyway, finds them in its workers instead (``catdog.extract``).
+    """
+    root = Path(root)
+    samples, skipped = [], []
+    for sample in list_files(root, split, classes, exclude):
+        problem = image_problem(sample.path)
+        if problem:
+            skipped.append((sample.path, problem))
+        else:
+            samples.append(sample)
+    for label, name in enumerate(classes):
+        if not any(sample.label == label for sample in samples):
+            raise CatdogError(f"class folder {root / split / name}: no readable images; add images of {name!r} to "
+                              f"{split}, or remove the class from every split")
     warn_skipped(root / split, skipped)
     return samples
 
 
 def load_rgb(path: Path, size: int | None = None) -> Image.Image:
-    """Decode an image as RGB; JPEGs are decoded at a reduced scale when that still covers ``size``. An image over
-    ``Image.MAX_IMAGE_PIXELS`` is refused before it is decoded (``Image.DecompressionBombError``)."""
+    """Decode an image as RGB, turned as a viewer shows it (its EXIF orientation applied). For a ``size``, JPEGs are
+    decoded at a reduced scale whose sides stay at least ``DRAFT_MIN_SIDE`` x ``size`` (the request is square, so it
+    holds for the turned image too). An image over ``Image.MAX_IMAGE_PIXELS`` is refused before it is decoded
+    (``Image.DecompressionBombError``). ``DECODER_VERSION`` names this decoding."""
     with _open_checked(path) as image:
         if size is not None and image.format == "JPEG":
-            image.draft("RGB", (size, size))
+            side = math.ceil(size * DRAFT_MIN_SIDE)
+            image.draft("RGB", (side, side))
+        ImageOps.exif_transpose(image, in_place=True)
         return image.convert("RGB")
 
 
@@ -258,15 +328,15 @@ def build_batch_transform(cfg: DataConfig, augment: bool) -> BatchTransform:
 
 
 class ImageDataset(Dataset):
-    """``(image tensor, label, index)`` for each sample of one split; ``batch_transform`` finishes each batch on
-    the model's device (``catdog.splits.open_split`` says which)."""
+    """``(image tensor, label, index)`` for each of a split's ``samples`` (``list_samples`` or ``list_files``);
+    ``batch_transform`` finishes each batch on the model's device (``catdog.splits.open_split`` says which)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, classes: list[str], transform, image_size: int,
-                 batch_transform=no_batch_transform):
+    def __init__(self, root: str | os.PathLike, split: str, classes: list[str], samples: list[Sample], transform,
+                 image_size: int, batch_transform=no_batch_transform):
         self.root = Path(root)
         self.split = split
         self.classes = classes
-        self.samples = list_samples(root, split, classes)
+        self.samples = samples
         self.transform = transform
         self.image_size = image_size
         self.batch_transform = batch_transform

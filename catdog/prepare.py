@@ -4,10 +4,13 @@ Each image is decoded once, here: RGB JPEGs are copied byte for byte, anything e
 (PNG with alpha, GIF, CMYK, greyscale) is converted to an RGB JPEG, and what does not decode is copied to
 ``quarantine/`` and listed in ``prepare_report.json``. The split of each file depends only on a hash of
 its name and the seed, so adding photos to the pool never moves the ones already placed.
+``quarantine_listed`` sets aside, the same way, the images a list names (e.g. a data audit's CSV).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import multiprocessing as mp
 import os
 import re
@@ -16,12 +19,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from catdog.config import SPLITS
-from catdog.data import IMAGE_SUFFIXES
+from catdog.data import IMAGE_SUFFIXES, path_list
 from catdog.errors import CatdogError
-from catdog.io import atomic_path, read_json, write_json
+from catdog.io import atomic_path, open_text, path_to_bytes, read_json, write_json, write_text
 from catdog.progress import progress_bar
 
 KAGGLE_NAME = re.compile(r"^(?P<cls>[a-zA-Z]+)\.(?P<id>[^.]+)\.[a-zA-Z]+$")
@@ -35,11 +38,19 @@ class PoolImage:
     """Destination file name, ``<class>.<id>.jpg`` (unique across classes)."""
 
 
-def assign_split(name: str, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
-    """Deterministic split of one file name: a hash of (seed, name) mapped to [0, 1) against the fractions."""
+def check_fractions(fractions: tuple[float, ...], what: str = "split fractions") -> None:
+    """Train, test and val fractions: three non-negative numbers that sum to 1 (``what`` names them in the error)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise CatdogError(f"split fractions {fractions}: need three non-negative numbers that sum to 1")
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        raise CatdogError(f"{what} {','.join(f'{f:g}' for f in fractions)}: need three non-negative numbers (train, "
+                          "test, val) that sum to 1, e.g. 0.8,0.1,0.1")
+
+
+def assign_split(name: str, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
+    """Deterministic split of one file name: a hash of (seed, the name's bytes) mapped to [0, 1) against the
+    fractions. The bytes are the file system's (``path_to_bytes``), so any name has a split (UTF-8 names the one
+    they always had)."""
+    check_fractions(fractions)
+    digest = hashlib.sha256(f"{seed}:".encode() + path_to_bytes(name)).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < fractions[0]:
         return SPLITS[0]
@@ -90,8 +101,8 @@ def place_image(item: PoolImage, dest: Path, quarantine: Path) -> tuple[str, str
         with Image.open(item.source) as image:
             image.load()
             is_rgb_jpeg = image.format == "JPEG" and image.mode == "RGB"
-            if not is_rgb_jpeg:
-                converted = _to_rgb(image)
+            if not is_rgb_jpeg:  # re-encoded without EXIF, so turned upright by its orientation tag first
+                converted = _to_rgb(ImageOps.exif_transpose(image))
                 reason = f"{image.format} {image.mode} -> RGB JPEG"
     except Exception as exc:  # PIL raises many types for broken files; every one means "undecodable"
         quarantine.mkdir(parents=True, exist_ok=True)
@@ -151,3 +162,41 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
     }
     write_json(report_path, report)
     return report
+
+
+QUARANTINE_LOG = "quarantined.csv"
+"""``DATA/quarantine/quarantined.csv``: every image ``quarantine_listed`` moved, with the list that named it."""
+
+
+def quarantine_listed(data_root: str | os.PathLike, csv_path: str | os.PathLike) -> dict:
+    """Move the images a CSV lists (``path`` relative to ``data_root``) to ``data_root/quarantine/<path>``, as
+    unreadable files are set aside, and log each in ``quarantine/quarantined.csv``. Images already moved are
+    skipped, so a rerun is harmless; a path outside the data root, or in neither place, is an error before anything
+    moves. Returns the counts ``moved`` and ``already`` and the ``log`` file's path."""
+    root = Path(data_root).resolve()
+    quarantine = root / "quarantine"
+    todo, already = [], 0
+    listed = [text for _, text in path_list(Path(csv_path), "--quarantine", root)]
+    for relative in dict.fromkeys(listed):
+        source = (root / relative).resolve()
+        if not source.is_relative_to(root) or source.is_relative_to(quarantine):
+            raise CatdogError(f"{csv_path}: path {relative!r} is not an image inside {root}; list paths relative to "
+                              "the data root, as the audit writes them")
+        if source.is_file():
+            todo.append((relative, source, quarantine / source.relative_to(root)))
+        elif (quarantine / source.relative_to(root)).is_file():
+            already += 1
+        else:
+            raise CatdogError(f"{csv_path}: {relative} is in neither {root} nor {quarantine}; was the list made "
+                              "for another data root?")
+    log_path = quarantine / QUARANTINE_LOG
+    with (open_text(log_path) if log_path.is_file() else io.StringIO("path,list\n")) as handle:
+        lines = io.StringIO(handle.read())
+    lines.seek(0, io.SEEK_END)
+    for relative, source, dest in todo:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, dest)  # one file system: a rename, never a partial copy
+        csv.writer(lines, lineterminator="\n").writerow([relative, Path(csv_path).resolve()])
+    if todo:
+        write_text(log_path, lines.getvalue())
+    return {"moved": len(todo), "already": already, "log": log_path}

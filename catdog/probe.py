@@ -6,6 +6,8 @@ probe is a ``Network``: the pretrained backbone with that head.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -25,27 +27,44 @@ REGULARISATION = (0.01, 0.1, 1.0, 10.0)
 
 @torch.no_grad()
 def pooled_features(network: models.Network, loader, accelerator: Accelerator, batch_transform,
-                    channels_last: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's pooled features and label, gathered from all processes in the split's order."""
+                    channels_last: bool, desc: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every image's pooled features and label in the split's order, on the main process (None on the others).
+
+    Each process keeps its share and sends it once, at the end, to the main process alone (``torch.distributed``'s
+    ``gather_object``): no process but the main one ever holds the N x F features, which the probe's fit needs in
+    memory (N x F float32: 10 MB for 2,000 images of 1,280 features). Rows come back by their dataset index, the
+    padding that evens out the processes' shares dropped."""
     network.eval()
-    features, labels = [], []
-    for images, batch_labels, _ in progress_bar(loader, desc=desc, leave=False,
-                                                disable=not accelerator.is_local_main_process):
+    indices, features, labels = [], [], []
+    for images, batch_labels, batch_indices in progress_bar(loader, desc=desc, leave=False,
+                                                            disable=not accelerator.is_local_main_process):
         images = batch_transform(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             pooled = network.features(images).float()
-        pooled, batch_labels = accelerator.gather_for_metrics((pooled, batch_labels))
+        indices.append(batch_indices.cpu())
         features.append(pooled.cpu())
         labels.append(batch_labels.cpu())
-    return torch.cat(features).numpy(), torch.cat(labels).numpy()
+    share = tuple(torch.cat(part).numpy() if part else None for part in (indices, features, labels))
+    shares = [share]
+    if accelerator.num_processes > 1:
+        shares = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        torch.distributed.gather_object(share, shares, dst=0)
+    if not accelerator.is_main_process:
+        return None
+    shares = [s for s in shares if s[0] is not None]
+    index, pooled, label = (np.concatenate(part) for part in zip(*shares))
+    _, first = np.unique(index, return_index=True)  # sorted by index, each image once
+    return pooled[first], label[first]
 
 
 def fit(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
         seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     """A logistic regression per ``C`` on the raw features (no standardisation: its weights would be divided by
-    each feature's spread, and fine-tuning moves the features); the best on test. Returns its state and scores."""
+    each feature's spread, and fine-tuning moves the features); the best on test. Returns its state and scores.
+    Run once, by the main process (``catdog.train.linear_probe``); it says so, with the images it was fitted on."""
+    print(f"linear probe: fitting on {len(train[1])} train images (process {os.getpid()})")
     candidates = []
     for c in REGULARISATION:
         classifier = LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(*train)

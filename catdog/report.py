@@ -7,7 +7,8 @@ how alike the features are (CKA, a logistic regression on both).
 Per run: training curves and accuracies next to the seed's, training time and speed, an architecture summary,
 the linear probe's accuracies beside the fine-tuned ones, robustness to corruptions (fine-tuned against the linear
 probe), the forest's accuracies, the top-k sweep, each class's top features with their montages, and each class's
-concepts (importance against a random baseline, montages, maps beside the CAMs); across runs: the Grad-CAM grid,
+concepts (importance against a random baseline, montages, maps beside the CAMs), both for the run's
+``figures.max_classes`` classes, the most confused first (``catdog.classes``); across runs: the Grad-CAM grid,
 the faithfulness table (today's salient-vs-random score, grad-cam's ROAD and confidence change) and the sanity
 check (cascading randomisation) with its plot and flags. A stage that has not run yet is shown as missing, with
 its command.
@@ -34,6 +35,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from catdog import models
+from catdog.classes import classes_shown
 from catdog.errors import CatdogError
 from catdog.io import read_json, write_json, write_text
 from catdog.run import RunDir, run_label
@@ -140,24 +142,40 @@ def _sweep(run: RunDir) -> dict:
     return {"rows": rows, "plot": str(plot) if plot.is_file() else None}
 
 
-def _topact(run: RunDir) -> dict:
+def _figure_classes(run: RunDir, training: dict, max_classes: int | None) -> dict | None:
+    """The classes whose pictures the page shows (``catdog.classes``: the most confused first), of how many; None
+    before training has run."""
+    if "classes" not in training:
+        return None
+    classes = training["classes"]
+    return {"shown": [classes[c] for c in classes_shown(run.path, classes, max_classes)], "classes": len(classes)}
+
+
+def _in_shown_order(by_class: dict, figures: dict | None) -> dict:
+    """A stage index's per-class entries, only the classes the page shows, in their order."""
+    if figures is None:
+        return by_class
+    return {name: by_class[name] for name in figures["shown"] if name in by_class}
+
+
+def _topact(run: RunDir, figures: dict | None) -> dict:
     folder = run.topact_dir
     if not run.topact_index.is_file():
         return _missing(f"python jobs/topact.py --run {run.path} --data DATA_ROOT")
     index = read_json(run.topact_index)
     classes = {name: [{"feature": entry["feature"], "rank": entry["rank"], "class_shares": entry["class_shares"],
                        "montage": str(folder / entry["montage"])} for entry in entries]
-               for name, entries in index["classes"].items()}
+               for name, entries in _in_shown_order(index["classes"], figures).items()}
     return {"split": index.get("split"), "selectivity_top": index.get("selectivity_top"), "classes": classes}
 
 
-def _concepts(run: RunDir) -> dict:
+def _concepts(run: RunDir, figures: dict | None) -> dict:
     folder = run.concepts_dir
     if not run.concepts_index.is_file():
         return _missing(f"python jobs/concepts.py --run {run.path} --data DATA_ROOT")
     index = read_json(run.concepts_index)
     classes = {}
-    for name, entry in index["classes"].items():
+    for name, entry in _in_shown_order(index["classes"], figures).items():
         concepts = [{**{key: value for key, value in concept.items() if key != "images"},
                      "montage": str(folder / concept["montage"])} for concept in entry["concepts"]]
         classes[name] = {**{key: value for key, value in entry.items() if key not in ("concepts", "sample_figure")},
@@ -166,7 +184,8 @@ def _concepts(run: RunDir) -> dict:
 
 
 def collect_run(run: RunDir) -> dict:
-    """Everything the report shows about one run, as JSON-ready data (missing stages say how to make them)."""
+    """Everything the report shows about one run, as JSON-ready data (missing stages say how to make them); per-class
+    pictures of the run's ``figures.max_classes`` classes only."""
     config = run.config()
     model_name = config.model.name
     training = _training(run, model_name)
@@ -174,9 +193,10 @@ def collect_run(run: RunDir) -> dict:
         arch = architecture(model_name, len(training["classes"]), config.data.image_size)
     else:
         arch = {"missing": training["missing"]}
+    figures = _figure_classes(run, training, config.figures.max_classes)
     return {"run": str(run.path), "model": model_name, "image_size": config.data.image_size, "training": training,
             "architecture": arch, "robustness": _robustness(run), "forest": _forest(run), "sweep": _sweep(run),
-            "topact": _topact(run), "concepts": _concepts(run)}
+            "figures": figures, "topact": _topact(run, figures), "concepts": _concepts(run, figures)}
 
 
 def collect_gradcam(folder: str | os.PathLike | None, runs: list[RunDir]) -> dict:
@@ -329,6 +349,14 @@ def _gallery(figures: list[tuple[str, str]], base: Path | None) -> str:
     items = "".join(f"<figure>{_image_file(path, caption, base, THUMBNAIL_WIDTH)}<figcaption>{_e(caption)}"
                     "</figcaption></figure>" for path, caption in figures)
     return f'<div class="gallery">{items}</div>'
+
+
+def _classes_note(shown: int, total: int | None) -> str:
+    """Says that per-class pictures are bounded (``figures.max_classes``), when they are."""
+    if total is None or shown >= total:
+        return ""
+    return (f"<p>{shown:,} of {total:,} classes shown, most confused first; <code>figures.max_classes=null</code> "
+            "shows all.</p>")
 
 
 def _missing_html(section: dict) -> str:
@@ -486,7 +514,8 @@ def _topact_html(run: dict, base: Path | None) -> str:
     if "missing" in top:
         return title + _missing_html(top)
     parts = [title, f"<p>Each montage: the {_e(top['split'])} images where the feature fires hardest, with the "
-                    "feature's spatial map over them.</p>"]
+                    "feature's spatial map over them.</p>",
+             _classes_note(len(top["classes"]), (run["figures"] or {}).get("classes"))]
     for class_name, entries in top["classes"].items():
         parts.append(f"<h4>{_e(class_name)}</h4>")
         parts.append(_table(["rank", "feature", f"class shares among the top {top['selectivity_top']}"],
@@ -568,7 +597,7 @@ def _sanity_html(gradcam: dict) -> str:
 def _grid_caption(summary: dict) -> str:
     return (f"<p>Grid: {len(summary['grid_images'])} {_e(summary['split'])} images, the same for every model, a column "
             "per model and method; each heat map titled with the model's prediction and its probability (red: "
-            "wrong).</p>")
+            "wrong).</p>" + _classes_note(len(summary.get("grid_classes", [])), len(summary.get("classes", []))))
 
 
 def _gradcam_html(gradcam: dict, base: Path | None, grid_above: bool) -> str:
@@ -721,7 +750,8 @@ def _concepts_html(run: dict, base: Path | None) -> str:
                     f"{_e(concepts['importance_split'])} images; <b>random</b>: {_e(concepts['random_baseline'])}. "
                     "A concept that matters drops the logit far more than its random baseline. Each montage: the "
                     "regions where the concept is strongest, with its map overlaid; the last figure: the concepts' "
-                    f"maps on the class's Grad-CAM sample images beside their {_e(concepts['cam_method'])} map.</p>"]
+                    f"maps on the class's Grad-CAM sample images beside their {_e(concepts['cam_method'])} map.</p>",
+             _classes_note(len(concepts["classes"]), (run["figures"] or {}).get("classes"))]
     for name, entry in concepts["classes"].items():
         parts.append(f"<h4>{_e(name)}</h4><p>{entry['images']:,} images ({entry['positions']:,} positions); NMF "
                      f"relative reconstruction error {entry['reconstruction_error']:.3f}; mean logit "
@@ -738,6 +768,44 @@ def _concepts_html(run: dict, base: Path | None) -> str:
         caption = f"{name}: concept maps beside the CAMs of its Grad-CAM sample images"
         parts.append(f"<figure>{_image_file(entry['sample_figure'], caption, base)}<figcaption>{_e(caption)}"
                      "</figcaption></figure>")
+    return "".join(parts)
+
+
+def _audit_html(run_paths: list[str], base: Path | None) -> str:
+    """The data audit (``jobs/audit.py``, written to the first run's ``audit/``): counts per kind, the top suspects
+    with every audited model's Grad-CAM, the top ten of each list, and the leaked images' effect on accuracy."""
+    title = "<h2>Data audit</h2>"
+    run = RunDir(run_paths[0])
+    if not run.audit_summary.is_file():
+        return title + _missing_html(_missing(f"python jobs/audit.py --run {' '.join(run_paths)} --data DATA_ROOT"))
+    audit = read_json(run.audit_summary)
+    counts = audit["counts"]
+    parts = [title, f"<p>{audit['images']:,} images of {len(audit['runs'])} run(s), every split. Wrong labels: "
+                    f"cleanlab on {audit['cross_validation']['folds']}-fold out-of-fold probabilities of a logistic "
+                    f"regression on the stored features; outliers: {_e(audit['outlier_score'])}; near-duplicates: "
+                    f"feature cosine &ge; {audit['near_duplicate_cosine']}. Score: higher is more suspicious. Each list "
+                    f"is a CSV in {_e(str(run.audit_dir))} (a <code>data.exclude</code> file).</p>",
+             _table(["kind", "listed", "of which"],
+                    [["wrong labels", counts["label_issues"], ""], ["outliers", counts["outliers"], ""],
+                     ["duplicates", counts["duplicates"],
+                      f"{counts['exact_duplicates']} exact, {counts['near_duplicates']} near, "
+                      f"{counts['cross_split_duplicates']} across splits; leaked from train: "
+                      + ", ".join(f"{split} {n}" for split, n in counts["leaked"].items())]], numeric={1})]
+    if audit["suspects_plot"]:
+        caption = ("The top suspects of each kind (given and suggested label, score) with each model's Grad-CAM for "
+                   "the class it predicts (red: not the given label)")
+        parts.append(f"<figure>{_image_file(run.audit_dir / audit['suspects_plot'], caption, base)}"
+                     f"<figcaption>{_e(caption)}</figcaption></figure>")
+    for kind, rows in audit["top"].items():
+        parts.append(f"<h3>{_e(kind.replace('_', ' '))}: the first {len(rows)}</h3>")
+        parts.append(_table(["path", "split", "given", "suggested", "score"],
+                            [[r["path"], r["split"], r["given_label"], r["suggested_label"], f"{r['score']:.3f}"]
+                             for r in rows], numeric={4}))
+    parts.append("<h3>Leaked test and val images (a copy in train): accuracy with and without them</h3>")
+    parts.append(_table(["run", "split", "images", "leaked", "accuracy", "without leaked", "predictions from"],
+                        [[r["run"], r["split"], r["images"], r["leaked"], _percent(r["accuracy"]),
+                          _percent(r["accuracy_without_leaked"]), r["source"]] for r in audit["leak_effect"]],
+                        numeric={2, 3, 4, 5}))
     return "".join(parts)
 
 
@@ -758,7 +826,7 @@ def render(runs: list[dict], gradcam: dict, generated: str, comparison: dict | N
             "chosen by test accuracy) and the held-out val split; the seed's figures are its val accuracies.</p>"
             + ("" if comparison is None else _comparison_html(comparison, gradcam, base) + "<h2>Runs</h2>")
             + _overview_html(runs) + _gradcam_html(gradcam, base, grid_above=compared and "missing" not in gradcam)
-            + "".join(sections) + "</body></html>\n")
+            + _audit_html([run["run"] for run in runs], base) + "".join(sections) + "</body></html>\n")
 
 
 def report(run_paths: list[str | os.PathLike], out: str | os.PathLike,

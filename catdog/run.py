@@ -196,11 +196,31 @@ class RunDir:
     def robustness_summary(self) -> Path:
         return self.robustness_dir / "summary.json"
 
+    # data audit (jobs/audit.py; the audit of several runs is written to the first one's)
+    @property
+    def audit_dir(self) -> Path:
+        return self.path / "audit"
+
+    @property
+    def audit_summary(self) -> Path:
+        return self.audit_dir / "summary.json"
+
+    def audit_list(self, kind: str) -> Path:
+        """A suspect list, ``label_issues``, ``outliers`` or ``duplicates`` (``catdog.audit.KINDS``): a CSV with a
+        ``path`` column, usable as a ``data.exclude`` file."""
+        return self.audit_dir / f"{kind}.csv"
+
+    @property
+    def audit_suspects_plot(self) -> Path:
+        """The top suspects with every audited run's Grad-CAM."""
+        return self.audit_dir / "suspects.png"
+
     def stage_marker(self, stage: str) -> Path:
         """The file a stage writes last: the stage is complete when it exists (``resume``: training can resume)."""
         markers = {"resume": self.state_path, "train": self.summary_path, "extract": self.features_dir / "manifest.json",
                    "forest": self.forest_summary, "sweep": self.sweep_plot, "topact": self.topact_index,
-                   "concepts": self.concepts_index, "robustness": self.robustness_summary}
+                   "concepts": self.concepts_index, "robustness": self.robustness_summary,
+                   "audit": self.audit_summary}
         if stage not in markers:
             raise CatdogError(f"stage {stage!r}: unknown; one of {', '.join(markers)}")
         return markers[stage]

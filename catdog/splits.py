@@ -6,15 +6,17 @@ import os
 
 from catdog.cache import CachedImageDataset
 from catdog.config import DataConfig
-from catdog.data import (ImageDataset, build_batch_transform, build_transform, find_classes, limit_image_pixels,
-                         no_batch_transform)
+from catdog.data import (ImageDataset, Sample, build_batch_transform, build_transform, find_classes,
+                         limit_image_pixels, list_samples, no_batch_transform)
 
 
 def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool = False,
-               classes: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+               classes: list[str] | None = None, cache_dir: str | os.PathLike | None = None,
+               samples: list[Sample] | None = None) -> ImageDataset:
     """One split of a data root, with the train or eval transform; the loop applies the dataset's
-    ``batch_transform`` to each batch on its device. Files over ``cfg.max_image_pixels`` or that PIL cannot read
-    are left out with a warning (``catdog.data.list_samples``).
+    ``batch_transform`` to each batch on its device. The split is listed by ``catdog.data.list_samples``: less
+    ``cfg.exclude``'s files, and files over ``cfg.max_image_pixels`` or that PIL cannot read left out with a
+    warning; ``samples`` passes a listing made beforehand instead (extraction's, ``catdog.data.list_files``).
 
     With ``cfg.cache`` and a ``cache_dir`` (``RunDir.cache_dir``): a ``catdog.cache.CachedImageDataset``, whose
     items are uint8 images already resized, read from ``cache_dir/<split>.npy`` (built on first use), and whose
@@ -25,7 +27,9 @@ def open_split(root: str | os.PathLike, split: str, cfg: DataConfig, train: bool
     limit_image_pixels(cfg)
     classes = classes or find_classes(root)
     transform = build_transform(cfg, train)  # also checks that the config is resolved
+    if samples is None:
+        samples = list_samples(root, split, classes, cfg.exclude)
     if cfg.cache and cache_dir is not None:
-        return CachedImageDataset(root, split, classes, cfg, train, cache_dir)
+        return CachedImageDataset(root, split, classes, samples, cfg, train, cache_dir)
     batch_transform = build_batch_transform(cfg, augment=False) if train else no_batch_transform
-    return ImageDataset(root, split, classes, transform, cfg.image_size, batch_transform)
+    return ImageDataset(root, split, classes, samples, transform, cfg.image_size, batch_transform)

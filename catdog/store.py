@@ -6,7 +6,8 @@ Layout of ``RUN/features/``::
     <split>-<nnnn>.h5        rows [nnnn * shard_size, ...) of one split
 
 Each shard holds ``features`` (rows, D) float32, ``spatial`` (rows, C, h, w) float16 chunked per image
-and compressed (optional), ``labels`` (rows,) int64, ``paths`` (rows,) UTF-8 and ``row_ids`` (rows,) int64,
+and compressed (optional), ``labels`` (rows,) int64, ``paths`` (rows,) each file name's bytes (UTF-8 string dtype;
+any other name as it is, read back by ``decode_paths``) and ``row_ids`` (rows,) int64,
 the row id being the image's index in its split (sorted class, then file name). Shard attributes record
 the model, checkpoint hash, layer, transform and split. Shards are written under a temporary name
 (``catdog.io.temp_path``) and renamed when complete, so a file with a final name is always whole.
@@ -16,6 +17,7 @@ share, the manifest, and the checks that a shard is the one the manifest lists (
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from catdog.errors import CatdogError
-from catdog.io import file_sha256, is_temp_path, read_json, write_bytes, write_json
+from catdog.io import file_sha256, is_temp_path, path_from_bytes, path_to_bytes, read_json, write_bytes, write_json
 
 MANIFEST = "manifest.json"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -52,8 +54,9 @@ def is_shard_file(path: str | os.PathLike) -> bool:
 
 
 def decode_paths(values: Iterable) -> list[str]:
-    """Image paths as stored in a shard's ``paths`` dataset (bytes or str, by h5py version) as ``str``."""
-    return [v.decode() if isinstance(v, bytes) else v for v in values]
+    """Image paths as stored in a shard's ``paths`` dataset (bytes or str, by h5py version) as ``str``; a name that
+    is not UTF-8 comes back as the file system lists it (``catdog.io.path_from_bytes``)."""
+    return [path_from_bytes(v) if isinstance(v, bytes) else v for v in values]
 
 
 def clear_store(folder: str | os.PathLike, everything: bool) -> None:
@@ -117,7 +120,11 @@ class ShardWriter:
 
     The shard is built in memory (HDF5 through a ``BytesIO``, ``shard_size`` rows at most) and written to disk in
     one piece, under a temporary name, by ``close``: a full disk is then a plain ``OSError`` from Python, never a
-    failed write inside HDF5, which leaves HDF5 unable to close the file (it crashed the process at exit).
+    failed write inside HDF5, which leaves HDF5 unable to close the file (it crashed the process at exit). ``close``
+    hashes the bytes it writes, so the manifest never reads a shard back.
+
+    ``readable`` (rows,) bool is False for a row whose image could not be decoded: the row keeps its place (row ids
+    stay each file's index in the split's listing), with zero features and maps.
 
     Use as a context manager: an exception inside the block leaves no shard behind.
     """
@@ -135,14 +142,17 @@ class ShardWriter:
         f.create_dataset("labels", (rows,), dtype="int64")
         f.create_dataset("row_ids", (rows,), dtype="int64")
         f.create_dataset("paths", (rows,), dtype=h5py.string_dtype())
+        f.create_dataset("readable", (rows,), dtype="bool")
         if spatial_shape is not None:
             f.create_dataset("spatial", (rows, *spatial_shape), dtype="float16",
                              chunks=(1, *spatial_shape), compression=compression)
         self._filled = 0
+        self.unreadable: list[int] = []
+        """Row ids written with ``readable`` False."""
 
     def write(self, features: np.ndarray, labels: np.ndarray, row_ids: np.ndarray, paths: list[str],
-              spatial: np.ndarray | None = None) -> None:
-        """Append a batch of rows."""
+              spatial: np.ndarray | None = None, readable: np.ndarray | None = None) -> None:
+        """Append a batch of rows (``readable`` None: all of them)."""
         start, stop = self._filled, self._filled + len(features)
         if stop > self.rows:
             raise ValueError(f"{self.path.name}: {stop} rows written, shard holds {self.rows}")
@@ -150,18 +160,25 @@ class ShardWriter:
         f["features"][start:stop] = features
         f["labels"][start:stop] = labels
         f["row_ids"][start:stop] = row_ids
-        f["paths"][start:stop] = paths
+        f["paths"][start:stop] = [path_to_bytes(path) for path in paths]  # any file name, UTF-8 or not
         if "spatial" in f:
             f["spatial"][start:stop] = spatial.astype(np.float16, copy=False)
+        readable = np.ones(stop - start, dtype=bool) if readable is None else np.asarray(readable, dtype=bool)
+        f["readable"][start:stop] = readable
+        self.unreadable += np.asarray(row_ids)[~readable].tolist()
         self._filled = stop
 
-    def close(self) -> None:
-        """Write the shard to a temporary name and rename it into place, or raise with nothing left behind."""
+    def close(self) -> tuple[str, int]:
+        """Write the shard to a temporary name and rename it into place, or raise with nothing left behind.
+        Returns the sha256 and size of the bytes written (hashed in memory: the file is not read back)."""
         self._file.close()
         if self._filled != self.rows:
             raise ValueError(f"{self.path.name}: only {self._filled} of {self.rows} rows were written")
-        write_bytes(self.path, self._buffer.getbuffer())
+        with self._buffer.getbuffer() as data:
+            sha256, size = hashlib.sha256(data).hexdigest(), data.nbytes
+            write_bytes(self.path, data)
         self._buffer = io.BytesIO()
+        return sha256, size
 
     def abort(self) -> None:
         self._file.close()
@@ -179,7 +196,9 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A shard as ``manifest.json`` lists it. ``size`` (bytes) is None in manifests written before it was recorded."""
+    """A shard as ``manifest.json`` lists it. ``size`` (bytes) is None in manifests written before it was recorded.
+    ``unreadable``: the row ids of images that could not be decoded (``ShardWriter``'s ``readable`` False), whose
+    rows hold zeros: readers leave them out."""
 
     file: str
     split: str
@@ -187,17 +206,75 @@ class ShardInfo:
     rows: int
     sha256: str
     size: int | None = None
+    unreadable: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "unreadable", tuple(self.unreadable))  # JSON gives a list
 
     @classmethod
     def of_file(cls, path: str | os.PathLike, split: str, first_row: int, rows: int) -> "ShardInfo":
-        """The manifest entry of a complete shard file: its name, rows, size and sha256."""
+        """The manifest entry of a complete shard file, read back: its name, rows, size, sha256 and unreadable rows
+        (only for a shard no writer recorded: ``ShardWriter.close`` returns the hash of what it wrote)."""
         path = Path(path)
-        return cls(path.name, split, first_row, rows, file_sha256(path), path.stat().st_size)
+        with h5py.File(path, "r") as f:
+            unreadable = f["row_ids"][:][~f["readable"][:]].tolist() if "readable" in f else []
+        return cls(path.name, split, first_row, rows, file_sha256(path), path.stat().st_size, tuple(unreadable))
+
+
+JOURNAL = ".shards-{writer}.jsonl"
+"""Each writer's record of the shards it has written (one ``ShardInfo`` a line), beside them until the manifest
+replaces it: the manifest is assembled from these without reading a shard back, on one host or many (the store's
+folder is shared), and the shards of a killed run keep their hashes for the next."""
+_JOURNAL_NAME = re.compile(r"^\.shards-[\w.-]+\.jsonl$")
+
+
+def record_shard(folder: str | os.PathLike, writer: str, info: ShardInfo) -> None:
+    """Append ``info`` to ``writer``'s journal, flushed to disk before the next shard starts."""
+    with open(Path(folder) / JOURNAL.format(writer=writer), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(info)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def recorded_shards(folder: str | os.PathLike) -> dict[str, dict[str, ShardInfo]]:
+    """Every journal's shards, by writer then file; a line cut short by a kill is ignored (its shard is then
+    hashed from the file, ``ShardInfo.of_file``)."""
+    folder = Path(folder)
+    recorded = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not _JOURNAL_NAME.match(path.name):
+            continue
+        entries = recorded.setdefault(path.name[len(".shards-"):-len(".jsonl")], {})
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                info = ShardInfo(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            entries[info.file] = info
+    return recorded
+
+
+def restart_journals(folder: str | os.PathLike, kept: list[ShardInfo]) -> None:
+    """Before the writers start (one process): the kept shards' entries in one journal (``kept``), every other
+    journal removed, so each writer's journal holds this run's shards alone."""
+    folder = Path(folder)
+    remove_journals(folder)
+    write_bytes(folder / JOURNAL.format(writer="kept"),
+                "".join(json.dumps(asdict(info)) + "\n" for info in kept).encode())
+
+
+def remove_journals(folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if _JOURNAL_NAME.match(path.name):
+            path.unlink()
 
 
 def write_manifest(folder: str | os.PathLike, metadata: dict, shards: list[ShardInfo]) -> None:
-    """Write ``manifest.json`` (atomically): the store's metadata and its complete shards."""
+    """Write ``manifest.json`` (atomically): the store's metadata and its complete shards; then remove the writers'
+    journals, which it replaces."""
     write_json(Path(folder) / MANIFEST, {**metadata, "shards": [asdict(s) for s in shards]})
+    remove_journals(folder)
 
 
 def read_manifest(folder: str | os.PathLike) -> tuple[dict, list[ShardInfo]]:
@@ -289,13 +366,15 @@ def check_store(folder: str | os.PathLike, attrs: dict, planned: dict[str, list[
 
     ``attrs``: the store attributes this extraction writes (``store_attrs``); ``planned``: each shard file to
     write, with the image paths of its rows in order. Returns ``(complete, damaged)``: the planned shards that
-    pass, each with its entry in the earlier manifest (None when not listed there, e.g. after a killed run), and
-    ``{file: reason}`` for the planned shards that fail ``shard_damage`` against the earlier manifest (or cannot
-    be read as a whole HDF5 shard), which the caller deletes and rewrites. Raises a CatdogError for a store made
-    from another checkpoint, other settings or other images, so that shards are never mixed.
+    pass, each with its recorded entry (the earlier manifest's, or a killed run's journal: ``recorded_shards``; None
+    when neither has it), and ``{file: reason}`` for the planned shards that fail ``shard_damage`` against that
+    entry (or cannot be read as a whole HDF5 shard), which the caller deletes and rewrites. Raises a CatdogError for
+    a store made from another checkpoint, other settings or other images, so that shards are never mixed.
     """
     folder = Path(folder)
     manifest, listed = _old_manifest(folder)
+    for entries in recorded_shards(folder).values():
+        listed.update(entries)
     for key in IDENTITY_KEYS:
         if key in manifest and manifest[key] != attrs[key]:
             raise _refuse(folder, MANIFEST, key, manifest[key], attrs[key])
@@ -425,19 +504,40 @@ class FeatureStore:
     def spatial(self, split: str, rows: np.ndarray | list[int]) -> np.ndarray:
         """Spatial maps of the chosen row ids, in the order given."""
         self._need_spatial()
+        return self.take(split, "spatial", rows)
+
+    def take(self, split: str, name: str, rows: np.ndarray | list[int]) -> np.ndarray:
+        """Dataset ``name`` (``spatial``, ``labels``, ``paths``, ...) at the chosen row ids, in the order given.
+
+        The rows are located by a binary search over the shards' first rows and grouped by shard: each shard that
+        holds any is opened once and read in ascending row order (``read_rows``), so the cost follows the rows
+        asked for, not the number of shards."""
         infos = self.shard_infos(split)
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         total = self.num_rows(split)
         if rows.size and (rows.min() < 0 or rows.max() >= total):
             raise CatdogError(f"feature store {self.path}: row ids must lie in 0..{total - 1} for split {split!r}")
-        out = np.empty((len(rows), *self.manifest["spatial_shape"]), dtype=np.float16)
-        for info in infos:
-            inside = np.flatnonzero((rows >= info.first_row) & (rows < info.first_row + info.rows))
-            if inside.size:
-                with h5py.File(self.path / info.file, "r") as f:
-                    for i in inside:
-                        out[i] = f["spatial"][rows[i] - info.first_row]
-        return out
+        firsts = np.array([info.first_row for info in infos], dtype=np.int64)
+        wanted, back = np.unique(rows, return_inverse=True)  # ascending and distinct, as HDF5 reads them
+        shard_of = np.searchsorted(firsts, wanted, side="right") - 1
+        parts = []
+        for shard in np.unique(shard_of).tolist():
+            info = infos[shard]
+            with h5py.File(self.path / info.file, "r") as f:
+                parts.append(self.read_rows(f[name], wanted[shard_of == shard] - info.first_row))
+        if not parts:
+            with h5py.File(self.path / infos[0].file, "r") as f:
+                return np.empty((0, *f[name].shape[1:]), dtype=f[name].dtype)
+        return np.concatenate(parts)[back]
+
+    @staticmethod
+    def read_rows(dataset: h5py.Dataset, local: np.ndarray) -> np.ndarray:
+        """A shard dataset's rows at ascending, distinct indices ``local``: one slice when they are contiguous,
+        else an HDF5 point selection (each chunk read once)."""
+        local = np.asarray(local, dtype=np.int64)
+        if local.size and local[-1] - local[0] + 1 == local.size:
+            return dataset[int(local[0]):int(local[-1]) + 1]
+        return dataset[local] if local.size else dataset[0:0]
 
     def _need_spatial(self) -> None:
         if not self.has_spatial:
@@ -450,8 +550,9 @@ def load_store_image(data_root: str | os.PathLike, relative: str, size: int) -> 
     if not path.is_file():
         raise CatdogError(f"image {relative} of the feature store is missing under {data_root}; pass the --data "
                           "root the features were extracted from")
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((size, size), Image.BILINEAR)
+    from catdog.data import load_rgb  # decoded as training decodes it (upright by its EXIF tag); torch only here
+
+    return load_rgb(path).resize((size, size), Image.BILINEAR)
 
 
 def require_maps_and_images(store: "FeatureStore", data_root: str | os.PathLike, purpose: str) -> None:

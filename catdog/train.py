@@ -235,14 +235,14 @@ def _resume(run: RunDir, model, ema: ModelEmaV3 | None, optimizer, scheduler, cl
 
 def linear_probe(run: RunDir, network: models.Network, loaders: dict, accelerator: Accelerator, transforms: dict,
                  config: Config) -> dict:
-    """Fit the linear probe on the pretrained features (once: a resumed run reads it back); returns its scores."""
+    """Fit the linear probe on the pretrained features, once, on the main process (a resumed run reads it back);
+    returns its scores. The others extract their share of the features and wait for the saved probe."""
     if not run.linear_probe_path.exists():
         features = {split: probe.pooled_features(network, loaders[split], accelerator, transforms[split],
                                                  config.train.channels_last, f"linear probe: {split} features")
                     for split in SPLITS}
-        state, scores = probe.fit(features["train"], features["test"], features["val"], config.train.seed)
         if accelerator.is_main_process:
-            probe.save(run, state, scores)
+            probe.save(run, *probe.fit(features["train"], features["test"], features["val"], config.train.seed))
         accelerator.wait_for_everyone()
     state, scores = probe.load(run)
     accelerator.print(f"linear probe on the pretrained features (C = {scores['C']:g}): test "

@@ -105,6 +105,18 @@ def test_built_once_reused_then_rebuilt_when_the_images_change(root, tmp_path, m
     assert len(decoded) == 51 and np.load(array, mmap_mode="r").shape == (13, 3, 24, 24)
 
 
+def test_a_new_decoder_rebuilds_the_file(root, tmp_path, monkeypatch):
+    """The key records ``catdog.data.DECODER_VERSION``: images decoded by an earlier ``load_rgb`` (before EXIF
+    orientation, say) are decoded again, not reused."""
+    decoded = count_decodes(monkeypatch)
+    open_split(root, "val", CACHED, cache_dir=tmp_path / "cache")
+    open_split(root, "val", CACHED, cache_dir=tmp_path / "cache")
+    assert len(decoded) == 4
+    monkeypatch.setattr(cache, "DECODER_VERSION", cache.DECODER_VERSION + 1)
+    open_split(root, "val", CACHED, cache_dir=tmp_path / "cache")
+    assert len(decoded) == 8
+
+
 def test_a_build_that_fails_half_way_leaves_nothing_that_is_used(root, tmp_path, monkeypatch):
     decoded = count_decodes(monkeypatch)
     original = cache.load_rgb

@@ -1,15 +1,18 @@
 import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from skimage import data as skimage_data
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from catdog.config import DataConfig
-from catdog.data import build_transform, decode_steps, find_classes, loader_options
+from catdog.data import (DRAFT_MIN_SIDE, build_transform, decode_steps, find_classes, list_files, list_samples,
+                         load_rgb, loader_options)
 from catdog.splits import open_split
 from catdog.errors import CatdogError
 from conftest import make_image_folder
@@ -129,3 +132,82 @@ def test_cpu_loader_workers_run_only_when_the_cpu_is_idle():
     gpu = loader_options(2, torch.device("cuda"))
     assert gpu["pin_memory"] and gpu["persistent_workers"] and "worker_init_fn" not in gpu
     assert loader_options(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
+
+
+def test_data_exclude_leaves_the_listed_files_out_of_every_split(tmp_path):
+    """``data.exclude``: a CSV with a ``path`` column or a text file, paths relative to the data root."""
+    root = make_image_folder(tmp_path / "d", {"train": 3, "test": 2, "val": 2})
+    csv_file = tmp_path / "suspects.csv"
+    csv_file.write_text("path,score\ntrain/cat/cat.1.jpg,0.9\nval/dog/dog.0.jpg,0.5\n")
+    text_file = tmp_path / "suspects.txt"
+    text_file.write_text("# from the audit\ntrain/dog/dog.2.jpg\n\n")
+    for exclude, gone in ((csv_file, {"train/cat/cat.1.jpg", "val/dog/dog.0.jpg"}), (text_file, {"train/dog/dog.2.jpg"})):
+        cfg = SMALL.model_copy(update={"exclude": str(exclude)})
+        listed = {split: [open_split(root, split, cfg).relative_path(i) for i in range(len(open_split(root, split, cfg)))]
+                  for split in ("train", "val")}
+        everything = {p.relative_to(root).as_posix() for p in root.rglob("*.jpg") if p.parts[-3] in ("train", "val")}
+        assert set(listed["train"]) | set(listed["val"]) == everything - gone
+        assert listed["train"] == sorted(listed["train"], key=lambda p: (p.split("/")[1], p))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("train/cat/nope.jpg\n", "line 1, 'train/cat/nope.jpg', is not an image file under the data root"),
+    ("../d/train/cat/cat.0.jpg\n", "line 1, '../d/train/cat/cat.0.jpg', is not an image file under"),
+    ("file,score\ntrain/cat/cat.0.jpg,1\n", "a CSV needs a 'path' column"),
+])
+def test_a_bad_exclude_file_is_one_error_naming_it(tmp_path, content, message):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
+    exclude = tmp_path / ("list.csv" if content and content.startswith("file") else "list.txt")
+    if content is not None:
+        exclude.write_text(content)
+    cfg = SMALL.model_copy(update={"exclude": str(exclude)})
+    with pytest.raises(CatdogError, match=re.escape(f"data.exclude {exclude}: ") + ".*" + re.escape(message)):
+        open_split(root, "train", cfg)
+
+
+def test_list_files_opens_nothing_and_list_samples_checks_each_header(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "test": 2, "val": 2})
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    checked = list_samples(root, "train", ["cat", "dog"])
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("list_files opened an image"))
+    listed = list_files(root, "train", ["cat", "dog"])
+    assert [s.path.name for s in listed] == ["broken.jpg", "cat.0.jpg", "cat.1.jpg", "dog.0.jpg", "dog.1.jpg"]
+    assert [s.path.name for s in checked] == [s.path.name for s in listed if s.path.name != "broken.jpg"]
+
+
+def blocky_photo(width: int, height: int) -> Image.Image:
+    """Flat 16 x 16 colour blocks: turned by a multiple of 90 degrees they stay on JPEG's 8 x 8 grid, so an upright
+    and a turned copy encode (4:4:4) to the same pixels."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    return Image.fromarray(blocks.repeat(16, axis=0).repeat(16, axis=1))
+
+
+@pytest.mark.parametrize("orientation", [3, 5, 6, 8])
+def test_exif_orientation_decodes_as_a_viewer_shows_it(tmp_path, orientation):
+    """The same picture stored upright, and stored turned with the EXIF tag that says how to turn it back, decode to
+    the same pixels, at full size and at a JPEG draft scale."""
+    upright = blocky_photo(128, 96)
+    undo = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]  # the inverse of what the tag asks for
+    upright.save(tmp_path / "upright.jpg", quality=95, subsampling=0)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    upright.transpose(undo).save(tmp_path / "turned.jpg", quality=95, subsampling=0, exif=exif)
+    with Image.open(tmp_path / "turned.jpg") as stored:
+        assert stored.size == ((96, 128) if orientation >= 5 else (128, 96))  # 5-8 swap the sides
+    for size, expected in ((None, (128, 96)), (32, (64, 48))):  # 32 px: both sides >= 0.8 * 32 at half scale
+        a, b = (load_rgb(tmp_path / name, size) for name in ("upright.jpg", "turned.jpg"))
+        assert a.size == b.size == expected
+        difference = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert difference.max() <= 2, difference.max()
+
+
+def test_jpeg_draft_reduces_a_typical_photo_to_no_less_than_draft_min_side(tmp_path):
+    """A 450 x 374 photo (the shared photos' median) for 224 px: half scale, 225 x 187, both sides >= 0.8 x 224;
+    PIL's own rule (both sides >= 224) would decode it in full."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (374, 450, 3), dtype=np.uint8)).save(tmp_path / "p.jpg")
+    decoded = load_rgb(tmp_path / "p.jpg", 224)
+    assert decoded.size == (225, 187) and min(decoded.size) >= DRAFT_MIN_SIDE * 224
+    assert load_rgb(tmp_path / "p.jpg", 240).size == (450, 374)  # half scale would be under 0.8 x 240 = 192

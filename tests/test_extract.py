@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,7 @@ from catdog.extract import batch_plan, deal, extract, plan_shards
 from catdog.io import file_sha256, temp_path
 from catdog.models import fold_batchnorm
 from catdog.run import RunDir
-from catdog.store import MANIFEST, FeatureStore, read_shard
+from catdog.store import MANIFEST, FeatureStore, ShardInfo, read_shard
 from synthetic_store import DAMAGES, damage_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,11 +120,18 @@ def test_fold_batchnorm_keeps_the_original_when_folding_would_change_it():
     assert folded is network and count == 0
 
 
+def never_read_back(*args, **kwargs):
+    pytest.fail("a shard was read back to hash it")
+
+
 @pytest.fixture(scope="module")
 def extracted(tiny_run, tmp_path_factory, synthetic_root) -> Path:
-    """The tiny run with a complete store: shards of 10 images, spatial maps included (read-only: copy it)."""
+    """The tiny run with a complete store: shards of 10 images, spatial maps included (read-only: copy it). Each
+    shard's manifest entry comes from the bytes its writer wrote: no shard is read back."""
     run = copy_run(tiny_run, tmp_path_factory.mktemp("extracted") / "run")
-    result = extract(config_for(run, *EXTRACT), run, synthetic_root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShardInfo, "of_file", never_read_back)
+        result = extract(config_for(run, *EXTRACT), run, synthetic_root)
     assert result["written"] == {0: [t.file for t in plan_shards({"train": 48, "test": 14, "val": 10}, 10)]}
     return run
 
@@ -138,10 +146,11 @@ def test_store_layout_and_manifest(extracted):
     assert manifest["model"] == "efficientnet_lite0" and manifest["classes"] == ["cat", "dog"]
     assert manifest["feature_dim"] == 1280 and manifest["spatial_shape"] == [1280, 2, 2]
     assert manifest["image_size"] == 64 and manifest["shard_size"] == 10 and "Resize" in manifest["transform"]
-    assert manifest["precision"] == "no"
-    for shard in manifest["shards"]:
+    assert manifest["precision"] == "no" and "load_rgb v" in manifest["transform"]
+    for shard in manifest["shards"]:  # hashed from the bytes written: equal to a re-read
         path = folder / shard["file"]
         assert (shard["sha256"], shard["size"]) == (file_sha256(path), path.stat().st_size)
+        assert shard["unreadable"] == [] and read_shard_readable(path).all()
     assert (folder / "config.yaml").is_file()
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
@@ -197,15 +206,53 @@ def test_crash_midway_then_resume(extracted, tiny_run, tmp_path, synthetic_root,
     with pytest.raises(KeyboardInterrupt):
         extract(config, run, synthetic_root)
     monkeypatch.undo()
-    assert sorted(p.name for p in (run / "features").iterdir()) == ["train-0000.h5"]
+    assert sorted(p.name for p in (run / "features").glob("*.h5")) == ["train-0000.h5"]
     with pytest.raises(CatdogError, match="did not finish"):
         FeatureStore(run / "features")
 
+    monkeypatch.setattr(ShardInfo, "of_file", never_read_back)  # the killed run's journal has its hash
     result = extract(config, run, synthetic_root)
     assert result["kept"] == ["train-0000.h5"] and "train-0000.h5" not in result["written"][0]
     assert len(result["written"][0]) == 7
+    shard = next(s for s in FeatureStore(run / "features").manifest["shards"] if s["file"] == "train-0000.h5")
+    assert shard["sha256"] == file_sha256(run / "features" / "train-0000.h5")
+    assert not [p.name for p in (run / "features").iterdir() if p.name.startswith(".")]
     for split, features in all_features(extracted).items():
         np.testing.assert_array_equal(all_features(run)[split], features)
+
+
+def read_shard_readable(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["readable"][:]
+
+
+def test_unreadable_images_keep_their_row_flagged_and_excluded_ones_are_left_out(extracted, tiny_run, tmp_path,
+                                                                                synthetic_root, caplog):
+    """Nothing is opened before the extraction: a file PIL cannot use is found by the worker that decodes it, keeps
+    its row (zeros, ``readable`` False, listed in the manifest) and is named in the one warning; ``data.exclude``'s
+    files are not listed at all. The other rows are the images' features."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "val", data / "val")
+    (data / "val" / "cat" / "cat.broken.jpg").write_bytes(b"not a jpeg")  # sorted after cat.4.jpg: row 5
+    exclude = tmp_path / "suspects.csv"
+    exclude.write_text("path\nval/dog/dog.0.jpg\n")
+    run = copy_run(tiny_run, tmp_path / "run")
+    extract(config_for(run, *EXTRACT, "extract.splits=[val]", f"data.exclude={exclude}"), run, data)
+
+    warnings = [r.getMessage() for r in caplog.records if "PIL cannot use" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 1 image file(s)" in warnings[0] and "cat.broken.jpg" in warnings[0]
+    store = FeatureStore(run / "features")
+    paths = store.paths("val")
+    assert len(paths) == 10 and paths[5] == "val/cat/cat.broken.jpg" and "val/dog/dog.0.jpg" not in paths
+    np.testing.assert_array_equal(store.row_ids("val"), np.arange(10))
+    assert [s["unreadable"] for s in store.manifest["shards"]] == [[5]]
+    assert read_shard_readable(run / "features" / "val-0000.h5").tolist() == [True] * 5 + [False] + [True] * 4
+    features = store.features("val")
+    assert not features[5].any() and not store.spatial("val", [5]).any()
+    clean = FeatureStore(extracted / "features")
+    row_of = {path: row for row, path in enumerate(clean.paths("val"))}
+    others = [row for row in range(10) if row != 5]
+    assert_close_fp32(features[others], clean.features("val")[[row_of[paths[row]] for row in others]])
 
 
 def test_store_from_another_checkpoint_is_refused(extracted, tmp_path, synthetic_root):

@@ -193,7 +193,7 @@ def test_report_of_a_run_with_missing_stages(tiny_run, tmp_path):
         assert f"missing (run python {job}" in page or f"then python {job}" in page
     assert run["robustness"]["missing"] == f"run python jobs/robustness.py --run {tiny_run} --data DATA_ROOT"
     assert "jobs/gradcam.py --runs" in summary["gradcam"]["missing"]
-    assert page.count('class="missing"') == 6
+    assert page.count('class="missing"') == 7 and "missing (run python jobs/audit.py --run" in page  # and the audit
     assert "data:image/png;base64," in page  # the training curves
     assert summary["compare"] is None and "Comparison" not in page  # one run, no --compare: no comparison section
 
@@ -225,7 +225,7 @@ def test_architecture_walks_the_backbone():
 def test_full_report_shows_every_stage(full_report):
     page = (full_report / "index.html").read_text()
     summary = read_json(full_report / "summary.json")
-    assert 'class="missing"' not in page
+    assert page.count('class="missing"') == 1 and "missing (run python jobs/audit.py" in page  # only the audit
     (run,) = summary["runs"]
     assert run["forest"]["summary"]["test_accuracy"] == 0.75 and "75.00%" in page
     assert [row["k"] for row in run["sweep"]["rows"]] == ["10", "100", "1280"]

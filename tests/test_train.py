@@ -149,6 +149,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_path, synthetic_root):
+    """Also: the linear probe is fitted once, on the main process, from features each process sends it alone."""
     # accelerate 1.15's `--cpu --num_processes 2` starts ONE process; --multi_gpu plus Accelerator(cpu=True) gives two.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -161,6 +162,8 @@ def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_pat
     assert process.returncode == 0, log
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["num_processes"] == 2
+    # the linear probe: fitted once, by the main process, on every train image once (not per rank, not padded)
+    assert log.count("linear probe: fitting on") == 1 and "linear probe: fitting on 48 train images" in log
     per_rank = summary["images_per_rank"]
     assert len(per_rank) == 2 and all(n <= 24 for n in per_rank) and sum(per_rank) >= 48
     # 14 test and 10 val images in batches of 4 over 2 ranks: padding is added and must not be counted
