@@ -48,6 +48,10 @@ while [ $# -gt 0 ]; do
     --processes) [[ $VALUE =~ ^[1-9][0-9]*$ ]] || fail "--processes $VALUE: give a whole number of processes, 1 or more"
                  PROCESSES=$VALUE; shift 2 ;;
     --set) [ "${VALUE#*=}" != "$VALUE" ] || fail "--set $VALUE: give section.key=value, e.g. --set optim.epochs=1"
+           case $VALUE in   # a file a key names is the caller's, like the paths above
+             data.exclude=?*|model.pretrained=*.pth|model.pretrained=*.safetensors)
+               VALUE="${VALUE%%=*}=$(realpath -m -- "${VALUE#*=}")" ;;
+           esac
            SETS+=("$VALUE"); shift 2 ;;
     -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) fail "unknown option $1" ;;
