@@ -9,10 +9,10 @@ data root) is one row, in the stores' order (split, then row id). Three kinds of
   ``audit.fit_rows`` rows (those of the other folds) and predicts its own fold's rows block by block, so memory is
   bounded by the sample, not N. cleanlab then holds the (N, K) probabilities: N x K x 4 bytes.
 * Outliers: the mean cosine distance to each image's ``audit.neighbours`` nearest neighbours (cleanlab's
-  ``OutOfDistribution`` score before its exponential), from a blocked exact search: L2-normalised features (every
-  run's, each scaled by 1/sqrt(runs), so a dot product is the runs' mean cosine) in a float32 array file on disk,
-  multiplied block by block (torch, on the GPU when there is one), top k kept per row. Memory is a few blocks; the
-  multiply-adds grow as N^2 x D, the one part whose time per image is not flat.
+  ``OutOfDistribution`` score before its exponential): L2-normalised features (every run's, each scaled by
+  1/sqrt(runs), so a dot product is the runs' mean cosine) in a float32 array file on disk, read block by block
+  into a faiss index: exact for small N, an HNSW graph above (``nearest_neighbours``), so the time per image stays
+  nearly flat as N grows.
 * Duplicates: exact ones by the sha256 of the file bytes, near ones by feature cosine >= ``audit.near_duplicate_cosine``
   among the same neighbours; within and across splits. A test or val image with a copy in train is leaked: each
   run's test and val accuracy is given with and without the leaked images.
@@ -53,7 +53,8 @@ MODEL_PROBABILITY = "model_p_given_"
 
 @dataclass
 class Rows:
-    """Every image of the stores, in their shared order: its split, given label and path (relative to the data)."""
+    """Every image of the stores, in their shared order: its split, given label and path (relative to the data).
+    An image the extraction could not decode is not one (``FeatureStore.readable``: its features are zeros)."""
 
     splits: list[str]
     split_of: np.ndarray
@@ -67,32 +68,39 @@ class Rows:
 
 
 def pooled_rows(stores: list[FeatureStore]) -> Rows:
-    """The rows of the first store, checked to be those of every other one (same classes, splits and paths)."""
+    """The readable rows of the first store, checked to be those of every other one (same classes, splits, paths
+    and readable rows: ``iter_shards`` reads each store by its own)."""
     first = stores[0]
     splits = [s for s in SPLITS if s in first.splits] + [s for s in first.splits if s not in SPLITS]
     split_of, labels, paths = [], [], []
     for index, split in enumerate(splits):
-        split_paths = first.paths(split)
+        split_paths, readable = first.paths(split), first.readable(split)
         for other in stores[1:]:
             if other.classes != first.classes or split not in other.splits or other.paths(split) != split_paths:
                 raise CatdogError(f"feature stores {first.path} and {other.path} hold other images or classes "
                                   f"(split {split}); audit runs extracted from the same data root")
-        split_of.append(np.full(len(split_paths), index, dtype=np.int8))
-        labels.append(first.labels(split))
-        paths += split_paths
+            if not np.array_equal(other.readable(split), readable):
+                raise CatdogError(f"feature stores {first.path} and {other.path} could not decode the same images "
+                                  f"(split {split}); audit runs extracted from the same data root with the same "
+                                  "data settings (data.max_image_pixels)")
+        split_of.append(np.full(int(readable.sum()), index, dtype=np.int8))
+        labels.append(first.labels(split)[readable])
+        paths += [path for path, keep in zip(split_paths, readable) if keep]
     return Rows(splits, np.concatenate(split_of), np.concatenate(labels), paths, first.classes)
 
 
 def iter_shards(store: FeatureStore, splits: list[str]):
-    """``(first_row, features)`` of each shard in the rows' order, one shard in memory at a time."""
+    """``(first, features)`` of each shard's readable rows (``FeatureStore.shard_readable``), ``first`` the place of
+    the first in ``pooled_rows``'s order, one shard in memory at a time."""
     import h5py
 
-    offset = 0
+    first = 0
     for split in splits:
         for info in store.shard_infos(split):
+            readable = store.shard_readable(info)
             with h5py.File(store.path / info.file, "r") as f:
-                yield offset + info.first_row, f["features"][:]
-        offset += store.num_rows(split)
+                yield first, f["features"][:][readable]
+            first += int(readable.sum())
 
 
 def fold_of(paths: list[str], folds: int, seed: int) -> np.ndarray:
@@ -163,35 +171,57 @@ def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: 
     return probabilities
 
 
-def nearest_neighbours(features: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+EXACT_ROWS = 100_000
+"""Up to this many rows the audit's neighbours are exact (faiss ``IndexFlatIP``: N^2 x D multiply-adds by BLAS, its
+time per image grows with N); above, an HNSW graph. Near this N, with 1280 features on a 2-core CPU, the exact
+search costs per image about what the graph does (docs/audit.md), so the time per image stays bounded by the
+graph's."""
+HNSW_LINKS = 32
+"""Links per node of the HNSW graph (memory: 2 x this x 4 bytes per row at its base layer)."""
+HNSW_EF_CONSTRUCTION = 64
+"""Candidates each insertion explores: more, a better graph and a slower build."""
+HNSW_EF_SEARCH = 128
+"""Candidates each query explores (at least k + 1): more, higher recall and a slower search."""
+
+
+def nearest_neighbours(features: np.ndarray, k: int, block_rows: int,
+                       exact_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` most similar other rows (dot products of the normalised features): ``(similarity, index)``,
-    both (N, k), most similar first. Exact, by blocked matrix products: a block of queries against every block."""
-    import torch
+    both (N, k), most similar first; the similarities are exact float32 dot products.
 
-    from catdog.devices import inference_device
+    Up to ``exact_rows`` rows: exact (``faiss.IndexFlatIP``). Above: approximate, an HNSW graph
+    (``faiss.IndexHNSWFlat``, inner product), because its insertions and queries each visit O(log N) nodes, so the
+    time per image stays nearly flat as N grows, needs no training, and takes rows block by block. (An inverted-file
+    index with sqrt(N) lists scans a share of rows that grows as sqrt(N) per query and needs k-means first.) The
+    index holds every row, the one structure of all N rows: a graph search must reach any of them (N x (4 D + 8 x
+    ``HNSW_LINKS``) bytes: 5.4 GB for 1M Lite0 rows). Rows go in and queries go out ``block_rows`` at a time from the
+    memory-mapped ``features``; faiss's threads are this process's CPUs."""
+    import faiss
 
-    device = inference_device()
-    n, k = len(features), min(k, len(features) - 1)
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    n, dim = features.shape
+    k = min(k, n - 1)
+    if n <= exact_rows:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k + 1)
+    blocks = [(start, min(start + block_rows, n)) for start in range(0, n, block_rows)]
+    with progress_bar(total=n, desc="neighbour index", unit="img") as bar:
+        for start, stop in blocks:
+            index.add(np.ascontiguousarray(features[start:stop], dtype=np.float32))
+            bar.update(stop - start)
     best_sim = np.empty((n, k), dtype=np.float32)
     best_idx = np.empty((n, k), dtype=np.int64)
     with progress_bar(total=n, desc="neighbours", unit="img") as bar:
-        for q0 in range(0, n, block_rows):
-            q1 = min(q0 + block_rows, n)
-            query = torch.from_numpy(np.asarray(features[q0:q1])).to(device)
-            sim = torch.full((q1 - q0, k), -math.inf, device=device)
-            idx = torch.zeros((q1 - q0, k), dtype=torch.int64, device=device)
-            for r0 in range(0, n, block_rows):
-                r1 = min(r0 + block_rows, n)
-                block = query @ torch.from_numpy(np.asarray(features[r0:r1])).to(device).T
-                if r0 < q1 and q0 < r1:  # the query's own row is not its neighbour
-                    own = torch.arange(max(q0, r0), min(q1, r1), device=device)
-                    block[own - q0, own - r0] = -math.inf
-                candidates = torch.cat([sim, block], dim=1)
-                indices = torch.cat([idx, torch.arange(r0, r1, device=device).expand(q1 - q0, -1)], dim=1)
-                sim, top = candidates.topk(k, dim=1)
-                idx = indices.gather(1, top)
-            best_sim[q0:q1], best_idx[q0:q1] = sim.cpu().numpy(), idx.cpu().numpy()
-            bar.update(q1 - q0)
+        for start, stop in blocks:
+            sim, idx = index.search(np.ascontiguousarray(features[start:stop], dtype=np.float32), k + 1)
+            other = idx != np.arange(start, stop)[:, None]  # the query's own row is not its neighbour
+            other[other.all(axis=1), -1] = False  # own row not returned (a tie with a copy): drop the last
+            best_sim[start:stop] = sim[other].reshape(-1, k)
+            best_idx[start:stop] = idx[other].reshape(-1, k)
+            bar.update(stop - start)
     return best_sim, best_idx
 
 
@@ -369,7 +399,7 @@ def audit(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, conf
             first += store.feature_dim
         probabilities = out_of_fold_probabilities(features, columns, rows, cfg)
         lap("cross_validation")
-        similarity, neighbours = nearest_neighbours(features, cfg.neighbours, cfg.block_rows)
+        similarity, neighbours = nearest_neighbours(features, cfg.neighbours, cfg.block_rows, EXACT_ROWS)
         lap("neighbours")
     finally:
         features_file.unlink(missing_ok=True)

@@ -16,10 +16,10 @@ montage per pair and ``cam_style.png``.
   models, per image: Spearman's rank correlation and the IoU of their top ``compare.top_fraction`` regions.
 - Features: linear CKA (Kornblith et al., 2019) of the pooled val features against a row-shuffled baseline, and a
   logistic regression on both models' features concatenated against each model's alone. Both stores are streamed
-  block by block with rows matched by row id (``aligned_blocks``), so memory stays flat in the number of images: the
-  CKA comes from float64 F x F moments, the baseline's mean in closed form (``CrossMoments.shuffled_cka_mean``), its
-  spread and the regressions' fits from bounded samples (``compare.cka_sample_rows``,
-  ``compare.regression_sample_rows``).
+  block by block with rows matched by row id (``aligned_blocks``), less the rows either store could not decode
+  (``readable_blocks``), so memory stays flat in the number of images: the CKA comes from float64 F x F moments,
+  the baseline's mean in closed form (``CrossMoments.shuffled_cka_mean``), its spread and the regressions' fits
+  from bounded samples (``compare.cka_sample_rows``, ``compare.regression_sample_rows``).
 
 The slow parts are kept in ``OUT/compare/parts/`` with what they were computed from (each run's val predictions,
 keyed by its checkpoint's sha256; each pair's results), so a rerun after a kill recomputes nothing finished.
@@ -581,48 +581,67 @@ def aligned_blocks(store_a: FeatureStore, store_b: FeatureStore, split: str, fea
         yield int(start), block_a.get("features"), block_b.get("features"), block_a["labels"]
 
 
+def matched_readable(store_a: FeatureStore, store_b: FeatureStore, split: str) -> np.ndarray:
+    """(N,) bool by row id: the rows compared, those readable in both stores (``FeatureStore.readable``)."""
+    return store_a.readable(split) & store_b.readable(split)
+
+
+def readable_blocks(store_a: FeatureStore, store_b: FeatureStore, split: str
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """``aligned_blocks`` less the rows either store could not decode (``matched_readable``): ``(row ids, a's
+    features, b's features, labels)`` of each block that keeps any."""
+    readable = matched_readable(store_a, store_b, split)
+    for first, a, b, labels in aligned_blocks(store_a, store_b, split):
+        keep = readable[first:first + len(labels)]
+        if keep.any():
+            yield first + np.flatnonzero(keep), a[keep], b[keep], labels[keep]
+
+
 class RowSample:
     """The chosen rows of both stores' features and their labels, gathered while a split streams past."""
 
     def __init__(self, rows: np.ndarray):
         self.rows = np.asarray(rows, dtype=np.int64)
-        """Sorted, distinct row ids."""
+        """Sorted, distinct row ids (each one in the blocks ``update`` gets)."""
         self.a = self.b = None
         self.labels = np.empty(len(self.rows), dtype=np.int64)
 
-    def update(self, first: int, a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> None:
-        """Keep the chosen rows of a block that starts at row ``first``."""
+    def update(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> None:
+        """Keep the chosen rows of a block of ascending row ids ``rows``."""
         if self.a is None:
             self.a = np.empty((len(self.rows), a.shape[1]), dtype=a.dtype)
             self.b = np.empty((len(self.rows), b.shape[1]), dtype=b.dtype)
-        low, high = np.searchsorted(self.rows, [first, first + len(labels)])
-        inside = self.rows[low:high] - first
+        low, high = np.searchsorted(self.rows, [rows[0], rows[-1] + 1])
+        inside = np.searchsorted(rows, self.rows[low:high])
         self.a[low:high], self.b[low:high], self.labels[low:high] = a[inside], b[inside], labels[inside]
 
 
 def feature_comparison(a: RunInputs, b: RunInputs, cfg: CompareConfig, bar) -> dict:
     """CKA of the val features against its shuffled baseline; logistic regressions on each and on both. Every split
-    is streamed (``aligned_blocks``): the CKA from the F x F moments of every val row, the baseline's mean in closed
+    is streamed (``readable_blocks``): the CKA from the F x F moments of every val row, the baseline's mean in closed
     form over every row and its spread from ``compare.cka_shuffles`` shuffles of ``compare.cka_sample_rows`` seeded
     val rows; the regressions fitted on ``compare.regression_sample_rows`` train rows (stratified, what bounds the fit's
     memory and time; only train's labels, 8 bytes a row, are read whole to stratify), and test and val scored in
     full."""
     store_a, store_b = a.store, b.store
-    train = RowSample(stratified_rows(store_a.labels("train"), cfg.regression_sample_rows, cfg.seed))
-    for first, block_a, block_b, labels in aligned_blocks(store_a, store_b, "train"):
-        train.update(first, block_a, block_b, labels)
+    readable = np.flatnonzero(matched_readable(store_a, store_b, "train"))
+    train = RowSample(readable[stratified_rows(store_a.labels("train")[readable], cfg.regression_sample_rows,
+                                               cfg.seed)])
+    for rows, block_a, block_b, labels in readable_blocks(store_a, store_b, "train"):
+        train.update(rows, block_a, block_b, labels)
     fitted = fit_regressions(train.a, train.b, train.labels, cfg.seed, bar)
     test = RegressionScores(fitted)
-    for _, block_a, block_b, labels in aligned_blocks(store_a, store_b, "test"):
+    for _, block_a, block_b, labels in readable_blocks(store_a, store_b, "test"):
         test.update(block_a, block_b, labels)
 
-    images = store_a.num_rows(SPLIT)
+    readable = np.flatnonzero(matched_readable(store_a, store_b, SPLIT))
+    images = len(readable)
     moments, val = CrossMoments(), RegressionScores(fitted)
-    sample = RowSample(np.sort(np.random.default_rng(cfg.seed).choice(images, min(images, cfg.cka_sample_rows),
+    sample = RowSample(np.sort(np.random.default_rng(cfg.seed).choice(readable, min(images, cfg.cka_sample_rows),
                                                                       replace=False)))
-    for first, block_a, block_b, labels in aligned_blocks(store_a, store_b, SPLIT):
+    for rows, block_a, block_b, labels in readable_blocks(store_a, store_b, SPLIT):
         moments.update(block_a, block_b)
-        sample.update(first, block_a, block_b, labels)
+        sample.update(rows, block_a, block_b, labels)
         val.update(block_a, block_b, labels)
     spread = shuffled_cka_spread(sample.a, sample.b, cfg.cka_shuffles, cfg.seed)
     bar.update(1)

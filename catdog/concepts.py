@@ -21,7 +21,9 @@ Per concept:
   that image's CAM (``gradcam.methods[0]``).
 
 The work fans out over the store's shards (``catdog.cluster.map_shards``: Ray tasks that read their own shard, or
-get its bytes where their node does not see the run directory); the driver only merges what they return:
+get its bytes where their node does not see the run directory); the driver only merges what they return. Each
+task gets its shard's readable rows (``FeatureStore.shard_readable``): an image that could not be decoded is in no
+reservoir and no sum.
 
 1. **sample**, a task per shard of ``split``: every row gets a seeded random key (a hash of ``seed`` and its row id);
    per class a task returns its shard's ``reservoir_images`` smallest keys, and the smallest over all shards are the
@@ -92,9 +94,10 @@ def _smallest(keys: np.ndarray, rows: np.ndarray, size: int) -> tuple[np.ndarray
     return keys[order], rows[order]
 
 
-def sample_shard(shard, labels: list[int], size: int, seed: int) -> Sample:
-    """A sample task: per class label, the shard's ``size`` rows of smallest ``reservoir_keys``."""
-    found, rows = shard["labels"][:], shard["row_ids"][:]
+def sample_shard(shard, labels: list[int], size: int, seed: int, readable: np.ndarray | None = None) -> Sample:
+    """A sample task: per class label, the shard's ``size`` rows of smallest ``reservoir_keys`` among its
+    ``readable`` rows (``FeatureStore.shard_readable``; None: all)."""
+    found, rows, _ = _readable_rows(shard, readable)
     keys = reservoir_keys(rows, seed)
     return {label: _smallest(keys[found == label], rows[found == label], size) for label in labels}
 
@@ -262,32 +265,40 @@ def importance_batch(network, maps: np.ndarray, label: int, components: np.ndarr
     return ImportanceStats.of(drop, random_drop, before)
 
 
-def _class_batches(shard, labels: list[int], batch_images: int):
-    """``(label, row ids, float32 maps)`` of the shard's images of each class in ``labels``, ``batch_images`` at a
-    time, in row order."""
-    found, rows = shard["labels"][:], shard["row_ids"][:]
+def _readable_rows(shard, readable: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labels, row ids and places in the shard of its ``readable`` rows (None: all)."""
+    local = np.arange(shard["row_ids"].shape[0]) if readable is None else np.flatnonzero(readable)
+    return shard["labels"][:][local], shard["row_ids"][:][local], local
+
+
+def _class_batches(shard, labels: list[int], batch_images: int, readable: np.ndarray | None):
+    """``(label, row ids, float32 maps)`` of the shard's ``readable`` images (None: all) of each class in
+    ``labels``, ``batch_images`` at a time, in row order."""
+    found, rows, local = _readable_rows(shard, readable)
     for label in labels:
-        local = np.flatnonzero(found == label)
-        for start in range(0, len(local), batch_images):
-            chosen = local[start:start + batch_images]
-            yield label, rows[chosen], read_maps(shard, chosen).astype(np.float32)
+        members = np.flatnonzero(found == label)
+        for start in range(0, len(members), batch_images):
+            chosen = members[start:start + batch_images]
+            yield label, rows[chosen], read_maps(shard, local[chosen]).astype(np.float32)
 
 
-def scan_shard(shard, components: dict[int, np.ndarray], k_images: int, batch_images: int) -> dict[int, ScanStats]:
-    """A measure task on a shard of ``concepts.split``: per class label, the ``ScanStats`` of its images there."""
+def scan_shard(shard, components: dict[int, np.ndarray], k_images: int, batch_images: int,
+               readable: np.ndarray | None = None) -> dict[int, ScanStats]:
+    """A measure task on a shard of ``concepts.split``: per class label, the ``ScanStats`` of its ``readable``
+    images there (``FeatureStore.shard_readable``; None: all)."""
     out: dict[int, ScanStats] = {}
-    for label, rows, maps in _class_batches(shard, list(components), batch_images):
+    for label, rows, maps in _class_batches(shard, list(components), batch_images, readable):
         stats = out.get(label) or ScanStats.empty(len(components[label]), k_images)
         out[label] = stats.add(maps, rows, components[label])
     return out
 
 
 def importance_shard(shard, network, components: dict[int, np.ndarray], baselines: dict[int, np.ndarray],
-                     batch_images: int) -> dict[int, ImportanceStats]:
+                     batch_images: int, readable: np.ndarray | None = None) -> dict[int, ImportanceStats]:
     """A measure task on a shard of ``concepts.importance_split``: per class label, the ``ImportanceStats`` of its
-    images there."""
+    ``readable`` images there (``FeatureStore.shard_readable``; None: all)."""
     out: dict[int, ImportanceStats] = {}
-    for label, _, maps in _class_batches(shard, list(components), batch_images):
+    for label, _, maps in _class_batches(shard, list(components), batch_images, readable):
         stats = importance_batch(network, maps, label, components[label], baselines[label])
         out[label] = out[label].merge(stats) if label in out else stats
     return out
@@ -319,7 +330,8 @@ def class_reservoirs(store: FeatureStore, labels: list[int], cfg: ConceptsConfig
     """Steps 1 and 2: per class label, the float16 maps (R, C, h, w) of its reservoir, in row order."""
     folder, infos = str(store.path), store.shard_infos(cfg.split)
     sample: Sample = {}
-    jobs = [ShardJob(folder, info, sample_shard, (labels, cfg.reservoir_images, cfg.seed)) for info in infos]
+    jobs = [ShardJob(folder, info, sample_shard, (labels, cfg.reservoir_images, cfg.seed, store.shard_readable(info)))
+            for info in infos]
     for _, part, where in map_shards(jobs, f"concepts {store.path.parent.name}: sample", use_ray):
         sample = merge_samples(sample, part, cfg.reservoir_images)
         tasks.add(where["node"], "sample", where["read"] == "object store")
@@ -378,9 +390,11 @@ def measure_classes(store: FeatureStore, network, components: dict[int, np.ndarr
         import ray
 
         network = ray.put(network)
-    jobs = [ShardJob(folder, info, scan_shard, (components, cfg.images_per_concept, cfg.batch_images))
+    jobs = [ShardJob(folder, info, scan_shard, (components, cfg.images_per_concept, cfg.batch_images,
+                                                store.shard_readable(info)))
             for info in store.shard_infos(cfg.split)]
-    jobs += [ShardJob(folder, info, importance_shard, (network, components, baselines, cfg.batch_images))
+    jobs += [ShardJob(folder, info, importance_shard, (network, components, baselines, cfg.batch_images,
+                                                       store.shard_readable(info)))
              for info in store.shard_infos(cfg.importance_split)]
     scanned = len(store.shard_infos(cfg.split))
     scans: dict[int, ScanStats] = {}

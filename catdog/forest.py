@@ -8,7 +8,8 @@ by the class its activation favours (see ``signed_importances``), so each class 
 
 A forest fits on rows held in memory, so it fits on a stratified sample of at most ``forest.max_train_rows`` train
 rows (``stratified_rows``, read shard by shard with ``read_rows``); its accuracies and the per-class means behind
-the signed importances are streamed over every row of the store, one shard at a time.
+the signed importances are streamed over every row of the store, one shard at a time. Rows whose image could not be
+decoded (``FeatureStore.readable``) are left out of all of them.
 """
 from __future__ import annotations
 
@@ -104,6 +105,12 @@ def stratified_rows(labels: np.ndarray, max_rows: int | None, seed: int) -> np.n
     return np.sort(np.concatenate([rng.choice(rows, size, replace=False) for rows, size in zip(by_class, quota)]))
 
 
+def stratified_readable_rows(store: FeatureStore, split: str, max_rows: int | None, seed: int) -> np.ndarray:
+    """Ascending row ids of ``stratified_rows``'s sample of the split's readable rows (``FeatureStore.readable``)."""
+    readable = store.readable_rows(split)
+    return readable[stratified_rows(store.labels(split)[readable], max_rows, seed)]
+
+
 def read_rows(store: FeatureStore, split: str, rows: np.ndarray,
               columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A split's ``rows`` (ascending row ids) with only ``columns`` (in the order given; all by default), and
@@ -126,15 +133,17 @@ def read_rows(store: FeatureStore, split: str, rows: np.ndarray,
 
 
 def iter_shards(store: FeatureStore, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A split's ``(features, labels)``, one shard at a time, in row order."""
-    for path in store.shards(split):
-        with h5py.File(path, "r") as f:
-            yield f["features"][:], f["labels"][:]
+    """A split's readable rows' ``(features, labels)`` (``FeatureStore.shard_readable``), one shard at a time, in
+    row order."""
+    for info in store.shard_infos(split):
+        readable = store.shard_readable(info)
+        with h5py.File(store.path / info.file, "r") as f:
+            yield f["features"][:][readable], f["labels"][:][readable]
 
 
 def class_means(store: FeatureStore, split: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Each feature's mean on each class and on the other classes, ``(mean_in, mean_out)``, each (n_classes, D),
-    over every row of the split (streamed; sums in float64)."""
+    over every readable row of the split (streamed; sums in float64)."""
     sums = np.zeros((n_classes, store.feature_dim))
     counts = np.zeros(n_classes)
     for features, labels in iter_shards(store, split):
@@ -145,7 +154,7 @@ def class_means(store: FeatureStore, split: str, n_classes: int) -> tuple[np.nda
 
 
 def accuracy(store: FeatureStore, split: str, predict: Predict) -> float:
-    """The share of a split's rows that ``predict`` gets right, streamed shard by shard."""
+    """The share of a split's readable rows that ``predict`` gets right, streamed shard by shard."""
     correct = total = 0
     for features, labels in iter_shards(store, split):
         correct += int(np.sum(predict(features) == labels))
@@ -233,9 +242,9 @@ def run_forest(config: Config, run_dir: str | os.PathLike, verify: bool = False)
     if "train" not in store.splits:
         raise CatdogError(f"feature store {store.path}: no train split (it has {store.splits}); "
                           f"extract it: jobs/extract.py --run {run.path} --data DATA_ROOT")
-    train_rows = store.num_rows("train")
+    train_rows = int(store.readable("train").sum())
     features, labels = read_rows(store, "train",
-                                 stratified_rows(store.labels("train"), cfg.max_train_rows, cfg.random_state))
+                                 stratified_readable_rows(store, "train", cfg.max_train_rows, cfg.random_state))
     backend = choose_backend(cfg.backend, cfg.backend != "sklearn" and cuml_available())
     sampled = f" (a stratified sample of {train_rows})" if len(labels) < train_rows else ""
     print(f"forest: {cfg.n_estimators} trees on {len(labels)} x {features.shape[1]} train features{sampled}, "

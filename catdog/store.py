@@ -2,13 +2,18 @@
 
 Layout of ``RUN/features/``::
 
-    manifest.json            every complete shard: file, split, first_row, rows, sha256, size; plus model metadata
+    manifest.json            every complete shard: file, split, first_row, rows, sha256, size, unreadable (row ids);
+                             plus model metadata
     <split>-<nnnn>.h5        rows [nnnn * shard_size, ...) of one split
+    .shards-<writer>.jsonl   each writer's journal of the shards it wrote (one manifest entry a line), until the
+                             manifest replaces it (``JOURNAL``)
 
 Each shard holds ``features`` (rows, D) float32, ``spatial`` (rows, C, h, w) float16 chunked per image
 and compressed (optional), ``labels`` (rows,) int64, ``paths`` (rows,) each file name's bytes (UTF-8 string dtype;
-any other name as it is, read back by ``decode_paths``) and ``row_ids`` (rows,) int64,
-the row id being the image's index in its split (sorted class, then file name). Shard attributes record
+any other name as it is, read back by ``decode_paths``), ``row_ids`` (rows,) int64,
+the row id being the image's index in its split (sorted class, then file name), and ``readable`` (rows,) bool,
+False for an image that could not be decoded: its row holds zeros, and readers leave it out
+(``FeatureStore.readable``, from the manifest's ``unreadable``). Shard attributes record
 the model, checkpoint hash, layer, transform and split. Shards are written under a temporary name
 (``catdog.io.temp_path``) and renamed when complete, so a file with a final name is always whole.
 
@@ -472,6 +477,22 @@ class FeatureStore:
 
     def num_rows(self, split: str) -> int:
         return sum(s.rows for s in self._shards if s.split == split)
+
+    @staticmethod
+    def shard_readable(info: ShardInfo) -> np.ndarray:
+        """(rows,) bool by place in the shard ``info``: False at a row whose image could not be decoded (its
+        ``unreadable`` row ids, from the manifest), which every reader leaves out: it holds zeros, not features."""
+        readable = np.ones(info.rows, dtype=bool)
+        readable[np.asarray(info.unreadable, dtype=np.int64) - info.first_row] = False
+        return readable
+
+    def readable(self, split: str) -> np.ndarray:
+        """(N,) bool by row id: which rows of the split readers use (``shard_readable``); from the manifest alone."""
+        return np.concatenate([self.shard_readable(info) for info in self.shard_infos(split)])
+
+    def readable_rows(self, split: str) -> np.ndarray:
+        """The split's readable row ids, ascending (what a sample of the split draws from)."""
+        return np.flatnonzero(self.readable(split))
 
     def _concat(self, split: str, name: str) -> np.ndarray:
         parts = []

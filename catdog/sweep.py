@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 from catdog.cluster import node_id, node_name, ray_session, resolve_address
 from catdog.config import SPLITS, ClassifierSpec, Config, SweepConfig, save_config
 from catdog.errors import CatdogError
-from catdog.forest import read_rows, stratified_rows
+from catdog.forest import read_rows, stratified_readable_rows
 from catdog.io import atomic_path, write_json
 from catdog.progress import progress_bar
 from catdog.ranking import read_ranking
@@ -267,9 +267,10 @@ def _row_key(row: dict) -> tuple[str, ...]:
 
 def sample_rows(store: FeatureStore, cfg: SweepConfig) -> dict[str, np.ndarray]:
     """Each split's row ids the cells use: a stratified sample of at most ``max_train_rows`` train rows and
-    ``max_eval_rows`` test and val rows (all rows where they fit), in shard order."""
-    return {split: stratified_rows(store.labels(split), cfg.max_train_rows if split == "train" else cfg.max_eval_rows,
-                                   cfg.seed) for split in SPLITS}
+    ``max_eval_rows`` test and val rows (all readable rows where they fit: ``stratified_readable_rows``), in shard
+    order."""
+    return {split: stratified_readable_rows(store, split, cfg.max_train_rows if split == "train"
+                                            else cfg.max_eval_rows, cfg.seed) for split in SPLITS}
 
 
 def describe_sample(rows: dict[str, np.ndarray], store: FeatureStore, seed: int) -> str:

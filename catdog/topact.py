@@ -3,9 +3,10 @@
 The classes are ``catdog.classes.classes_shown`` (at most ``figures.max_classes``, the most confused first), their
 features each class's first ``features_per_class`` in the forest's per-class ranking. The pure core is a running
 top-k per feature (``update_topk``) and a merge of partial results (``merge_topk``): rows are ordered by activation,
-highest first, ties going to the lower row id, so the result equals a stable argsort over all images. A Ray task per
-shard (``catdog.cluster.map_shards``) reads its own shard and returns its partial top-k; the driver only merges them
-as they arrive, so memory depends on the shard size and k, never on the number of images. A task reads the shard
+highest first, ties going to the lower row id, so the result equals a stable argsort over all images (those that
+could not be decoded left out: ``FeatureStore.shard_readable``, sent with each task). A Ray task per shard
+(``catdog.cluster.map_shards``) reads its own shard and returns its partial top-k; the driver only merges them as
+they arrive, so memory depends on the shard size and k, never on the number of images. A task reads the shard
 file where its node sees the run directory, and gets the file's bytes through the object store where it does not
 (``catdog.cluster``'s rule). The montages' images and spatial maps are read by the driver (a bounded number: shown
 classes x features x images) and drawn by Ray tasks, which return PNG bytes, so no worker needs the data root.
@@ -71,13 +72,16 @@ def merge_topk(parts: Iterable[TopK]) -> TopK:
                  np.concatenate([p.rows for p in parts], axis=1), parts[0].k)
 
 
-def shard_topk(shard, feature_idx: np.ndarray, k: int) -> tuple[TopK, dict[int, tuple[int, str]]]:
-    """One shard's top-k rows for the chosen features, and the label and path of each of those rows.
+def shard_topk(shard, feature_idx: np.ndarray, k: int,
+               readable: np.ndarray | None = None) -> tuple[TopK, dict[int, tuple[int, str]]]:
+    """One shard's top-k rows for the chosen features among its ``readable`` rows (``FeatureStore.shard_readable``;
+    None: all), and the label and path of each of those rows.
 
     ``shard``: the shard's open ``h5py.File`` (a ``map_shards`` task)."""
-    values = shard["features"][:][:, feature_idx]
     row_ids = shard["row_ids"][:]
-    top = update_topk(empty_topk(values.shape[1], k), values, row_ids)
+    readable = np.ones(len(row_ids), dtype=bool) if readable is None else readable
+    values = shard["features"][:][readable][:, feature_idx]
+    top = update_topk(empty_topk(values.shape[1], k), values, row_ids[readable])
     kept = np.unique(top.rows)
     local = np.flatnonzero(np.isin(row_ids, kept))
     labels = FeatureStore.read_rows(shard["labels"], local)
@@ -93,7 +97,7 @@ def search_top_activations(store: FeatureStore, split: str, feature_idx: np.ndar
     Returns the merged top-k, each top row's label and path, and per shard the node that searched it and how it
     read the shard."""
     infos = store.shard_infos(split)
-    jobs = [ShardJob(str(store.path), info, shard_topk, (feature_idx, k)) for info in infos]
+    jobs = [ShardJob(str(store.path), info, shard_topk, (feature_idx, k, store.shard_readable(info))) for info in infos]
     top, info, nodes = empty_topk(len(feature_idx), k), {}, [None] * len(infos)
     for i, (part, part_info), where in map_shards(jobs, f"top activations ({split})", in_flight=in_flight):
         top = merge_topk([top, part])
