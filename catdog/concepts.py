@@ -519,22 +519,26 @@ def draw_samples(photos: list[Image.Image], cams: np.ndarray, concept_maps: np.n
 
 
 def grad_cam_sample(run: RunDir, store: FeatureStore, data_root: Path, config: Config):
-    """The val images of the Grad-CAM grid's seeded sample (``gradcam.images_per_class`` per class), as the
-    ``open_split`` dataset and its indices, which are the store's val row ids (checked by their paths)."""
+    """The val images of the Grad-CAM grid's seeded sample (``gradcam.images_per_class`` per class): the
+    ``open_split`` dataset, its indices, and their store row ids (checked by their paths). The dataset leaves out
+    images PIL refuses, whose rows the store keeps, so a row id is the image's place in the full listing."""
     from catdog.cam import sample_per_class
+    from catdog.data import list_files
     from catdog.splits import open_split
 
-    gcfg = config.gradcam
-    dataset = open_split(data_root, "val", run.config().data, classes=store.classes)
+    gcfg, data = config.gradcam, run.config().data
+    dataset = open_split(data_root, "val", data, classes=store.classes)
     chosen = sample_per_class(dataset.labels, gcfg.images_per_class, gcfg.seed)
     relative = [dataset.relative_path(i) for i in chosen]
-    inside = [i for i in chosen if i < store.num_rows("val")]
+    row_of = {sample.path: row for row, sample in enumerate(list_files(data_root, "val", store.classes, data.exclude))}
+    rows = [row_of.get(dataset.samples[i].path, -1) for i in chosen]
+    inside = [row for row in rows if 0 <= row < store.num_rows("val")]
     stored = dict(zip(inside, decode_paths(store.take("val", "paths", inside))))
-    for i, path in zip(chosen, relative):
-        if stored.get(i) != path:
+    for row, path in zip(rows, relative):
+        if stored.get(row) != path:
             raise CatdogError(f"feature store {store.path}: the Grad-CAM sample image {path} is not in its val "
                               "split; pass the --data root the features were extracted from")
-    return dataset, chosen
+    return dataset, chosen, rows
 
 
 def _sample_figure(network, store: FeatureStore, part: dict, sample, data_root: Path, config: Config,
@@ -544,14 +548,15 @@ def _sample_figure(network, store: FeatureStore, part: dict, sample, data_root: 
 
     from catdog.cam import class_activation_maps
 
-    dataset, chosen = sample
-    chosen = [i for i in chosen if dataset.samples[i].label == part["label"]]
+    dataset, chosen, rows = sample
+    pairs = [(i, row) for i, row in zip(chosen, rows) if dataset.samples[i].label == part["label"]]
+    chosen, rows = [i for i, _ in pairs], [row for _, row in pairs]
     relative = [dataset.relative_path(i) for i in chosen]
     images = torch.stack([dataset[i][0] for i in chosen])
     targets = torch.full((len(chosen),), part["label"])
     method = config.gradcam.methods[0]
     cams = class_activation_maps(network, method, images, targets)
-    maps = store.spatial("val", chosen).astype(np.float32)
+    maps = store.spatial("val", rows).astype(np.float32)
     components = np.asarray(part["components"])
     u = coefficient_maps(transform(components, positions(maps)), len(maps), maps.shape[2:])
     size = store.manifest["image_size"]
