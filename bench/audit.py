@@ -3,6 +3,7 @@ copies and injected non-photos; precision and recall of what the audit lists.
 
     python bench/audit.py --run RUN [--data ../shared/data/cats_vs_dogs] [--work /tmp/catdog-bench-audit]
     python bench/audit.py --scale 10000; python bench/audit.py --scale 40000     # time and memory against N
+    python bench/audit.py --scale 40000 --exact-rows 0 [--subspace 32]   # the HNSW graph at any N; realistic spread
 
 RUN: a run whose feature store was extracted from --data (e.g. Lite0 trained for one epoch, then jobs/extract.py).
 The copy goes to WORK/data (never into the repository): ``--flip`` (2%) of the train images moved to another class's
@@ -140,9 +141,12 @@ def _pr(listed: set, truth: set) -> str:
             f"recall {hits / len(truth):.3f} ({hits}/{len(truth)})")
 
 
-def scale(rows: int, work: Path, dim: int = 1280, seed: int = 0) -> None:
+def scale(rows: int, work: Path, subspace: int | None = None, exact_rows: int | None = None, dim: int = 1280,
+          seed: int = 0) -> None:
     """The audit's streamed parts on a synthetic store of ``rows`` rows (two classes, ``dim`` features, 1% of the
-    labels flipped): seconds per image of each part and this process's peak resident memory."""
+    labels flipped): seconds per image of each part and this process's peak resident memory. The spread around
+    each class is isotropic noise (nearest neighbours all alike: the HNSW graph's worst case), or with ``subspace``
+    mostly within a random subspace of that many dimensions (as a network's features are)."""
     from cleanlab.filter import find_label_issues
 
     from catdog.audit import nearest_neighbours, normalised_features, out_of_fold_probabilities, pooled_rows
@@ -152,10 +156,14 @@ def scale(rows: int, work: Path, dim: int = 1280, seed: int = 0) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shards, centres = [], rng.normal(size=(2, dim))
+    basis = rng.normal(size=(subspace, dim)) / np.sqrt(subspace) if subspace else None
     for index, first in enumerate(range(0, rows, 1000)):
         count = min(1000, rows - first)
         labels = rng.integers(0, 2, count)
-        features = (centres[labels] + 3 * rng.normal(size=(count, dim))).astype(np.float32)
+        noise = rng.normal(size=(count, dim))
+        if subspace:
+            noise = rng.normal(size=(count, subspace)) @ basis + 0.1 * noise
+        features = (centres[labels] + 3 * noise).astype(np.float32)
         labels[rng.random(count) < 0.01] ^= 1
         path = folder / shard_name("train", index)
         with ShardWriter(path, count, dim, None, shard_attrs({}, "train", first, count)) as writer:
@@ -164,7 +172,7 @@ def scale(rows: int, work: Path, dim: int = 1280, seed: int = 0) -> None:
         shards.append(ShardInfo.of_file(path, "train", first, count))
     write_manifest(folder, {"model": "synthetic", "checkpoint_sha256": "0", "classes": ["a", "b"], "feature_dim": dim,
                             "spatial_shape": None, "layer": "", "transform": "", "shard_size": 1000}, shards)
-    cfg, seconds = AuditConfig(), {}
+    cfg, seconds = AuditConfig(**({} if exact_rows is None else {"exact_rows": exact_rows})), {}
     start = time.perf_counter()
     store = FeatureStore(folder)
     pooled = pooled_rows([store])
@@ -175,26 +183,31 @@ def scale(rows: int, work: Path, dim: int = 1280, seed: int = 0) -> None:
     find_label_issues(pooled.labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
     seconds["cross_validation_and_cleanlab"] = time.perf_counter() - start
     start = time.perf_counter()
-    nearest_neighbours(features, cfg.neighbours, cfg.block_rows)
+    nearest_neighbours(features, cfg.neighbours, cfg.block_rows, cfg.exact_rows)
     seconds["neighbours"] = time.perf_counter() - start
     (work / f"features-{rows}.npy").unlink()
     shutil.rmtree(folder)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"{rows} rows x {dim}: " + ", ".join(f"{k} {v / rows * 1000:.3f} ms/image" for k, v in seconds.items())
+    search = "exact" if rows <= cfg.exact_rows else "HNSW"
+    print(f"{rows} rows x {dim}, {search} neighbours: "
+          + ", ".join(f"{k} {v / rows * 1000:.3f} ms/image" for k, v in seconds.items())
           + f"; peak RSS {peak:.2f} GiB")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=int, help="instead: time the streamed parts on a synthetic store of this many rows")
+    p.add_argument("--subspace", type=int, help="with --scale: the spread within a subspace of this many dimensions")
     p.add_argument("--run", type=Path, help="a run with a feature store extracted from --data")
     p.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared/data/cats_vs_dogs", type=Path)
     p.add_argument("--work", default=Path("/tmp/catdog-bench-audit"), type=Path)
     p.add_argument("--flip", default=0.02, type=float, help="share of train images whose label is flipped")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--exact-rows", type=int, help="exact neighbours up to this many rows, the HNSW graph above "
+                   "(default audit.exact_rows; 0: always the graph)")
     args = p.parse_args()
     if args.scale:
-        return scale(args.scale, args.work)
+        return scale(args.scale, args.work, args.subspace, args.exact_rows)
     if args.run is None:
         p.error("--run is required (or --scale ROWS)")
     rng = np.random.default_rng(args.seed)
@@ -210,6 +223,8 @@ def main() -> None:
     source = RunDir(args.run)
     config = source.config()
     config.extract.spatial = False
+    if args.exact_rows is not None:
+        config.audit.exact_rows = args.exact_rows
     extra_run, bench_run = args.work / "injected_run", args.work / "run"
     for folder in (extra_run, bench_run):
         folder.mkdir(parents=True)

@@ -171,11 +171,6 @@ def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: 
     return probabilities
 
 
-EXACT_ROWS = 100_000
-"""Up to this many rows the audit's neighbours are exact (faiss ``IndexFlatIP``: N^2 x D multiply-adds by BLAS, its
-time per image grows with N); above, an HNSW graph. Near this N, with 1280 features on a 2-core CPU, the exact
-search costs per image about what the graph does (docs/audit.md), so the time per image stays bounded by the
-graph's."""
 HNSW_LINKS = 32
 """Links per node of the HNSW graph (memory: 2 x this x 4 bytes per row at its base layer)."""
 HNSW_EF_CONSTRUCTION = 64
@@ -399,7 +394,7 @@ def audit(run_paths: list[str | os.PathLike], data_root: str | os.PathLike, conf
             first += store.feature_dim
         probabilities = out_of_fold_probabilities(features, columns, rows, cfg)
         lap("cross_validation")
-        similarity, neighbours = nearest_neighbours(features, cfg.neighbours, cfg.block_rows, EXACT_ROWS)
+        similarity, neighbours = nearest_neighbours(features, cfg.neighbours, cfg.block_rows, cfg.exact_rows)
         lap("neighbours")
     finally:
         features_file.unlink(missing_ok=True)

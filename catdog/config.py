@@ -323,7 +323,12 @@ class AuditConfig(Section):
     the shared photos (Lite0) distinct photos reach 0.962 at most, resized or re-encoded copies 0.981 at least
     (docs/audit.md)."""
     block_rows: PositiveInt = 2048
-    """Rows per block of the blocked nearest-neighbour matrix products (memory: block_rows^2 x 4 bytes)."""
+    """Rows per block read from the features file: the regression's prediction blocks and the neighbour index's add
+    and search blocks."""
+    exact_rows: NonNegativeInt = 100_000
+    """Up to this many rows the neighbours are exact (faiss ``IndexFlatIP``: N^2 x D multiply-adds, time per image
+    grows with N); above, an HNSW graph (``catdog.audit.nearest_neighbours``); 0: always the graph. Near 100,000 rows
+    of 1280 features on a 2-core CPU the exact search costs per image about what the graph does (docs/audit.md)."""
     suspects_per_kind: PositiveInt = Field(4, le=20)
     """The top suspects of each kind drawn with every model's Grad-CAM (RUN/audit/suspects.png, the report)."""
     seed: int = 0

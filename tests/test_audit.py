@@ -1,5 +1,6 @@
 """The data audit: seeded label flips ranked first, exact/resized/re-encoded copies across splits found, a noise
-image at the top of the outliers; the blocked neighbour search against a brute-force one; quarantine."""
+image at the top of the outliers; the neighbour search (exact, and the HNSW graph's recall and near-duplicates)
+against a brute-force one; quarantine."""
 from __future__ import annotations
 
 import csv
@@ -48,15 +49,53 @@ def test_seeded_label_flips_rank_above_clean_images():
     assert set(flagged[:flips]) == set(flipped)
 
 
-def test_blocked_neighbours_match_brute_force():
+def test_exact_neighbours_match_brute_force():
     rng = np.random.default_rng(1)
     features = _unit(rng.normal(size=(53, 8)))
-    similarity, index = nearest_neighbours(features, k=4, block_rows=7)
+    similarity, index = nearest_neighbours(features, k=4, block_rows=7, exact_rows=len(features))
     full = features @ features.T
     np.fill_diagonal(full, -np.inf)
     expected = np.argsort(-full, axis=1)[:, :4]
     assert (index == expected).all()
     assert np.allclose(similarity, np.take_along_axis(full, expected, axis=1), atol=1e-5)
+
+
+def _clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.ndarray:
+    """Unit vectors around ``clusters`` random centres, each row near a low-dimensional subspace of its cluster."""
+    centres = rng.normal(size=(clusters, dim))
+    basis = rng.normal(size=(clusters, 8, dim))
+    member = rng.integers(0, clusters, n)
+    spread = np.einsum("nj,njd->nd", rng.normal(size=(n, 8)), basis[member])
+    return _unit(centres[member] + 0.5 * spread + 0.3 * rng.normal(size=(n, dim)))
+
+
+def test_graph_neighbours_recall_brute_force():
+    rng = np.random.default_rng(2)
+    features = _clustered(rng, 3000, 64, 12)
+    k = 10
+    similarity, index = nearest_neighbours(features, k=k, block_rows=500, exact_rows=0)
+    full = features @ features.T
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1)[:, :k]
+    recall = np.mean([len(set(found) & set(true)) / k for found, true in zip(index, expected)])
+    assert recall >= 0.95, recall
+    assert (index != np.arange(len(features))[:, None]).all()  # never the row itself
+    assert np.allclose(similarity, np.take_along_axis(full, index, axis=1), atol=1e-5)  # exact dot products
+    assert (np.diff(similarity, axis=1) <= 1e-6).all()  # most similar first
+
+
+def test_graph_neighbours_find_every_near_duplicate():
+    rng = np.random.default_rng(3)
+    originals = _clustered(rng, 2500, 64, 12)
+    copies = _unit(originals[:60] + 0.1 * rng.normal(size=(60, 64)) / 8)  # cosine about 0.99 to its original
+    features = np.concatenate([originals, copies])
+    similarity, index = nearest_neighbours(features, k=5, block_rows=512, exact_rows=0)
+    full = features @ features.T
+    np.fill_diagonal(full, -np.inf)
+    near = {tuple(sorted(pair)) for pair in zip(*np.nonzero(full >= 0.97))}
+    assert {(i, 2500 + i) for i in range(60)} <= near
+    found = {tuple(sorted((int(i), int(index[i, j])))) for i, j in zip(*np.nonzero(similarity >= 0.97))}
+    assert found == near
 
 
 def test_duplicate_pairs_list_the_test_copy_of_a_train_image():
