@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import math
 import os
 import time
@@ -191,6 +192,7 @@ def nearest_neighbours(features: np.ndarray, k: int, block_rows: int,
     index holds every row, the one structure of all N rows: a graph search must reach any of them (N x (4 D + 8 x
     ``HNSW_LINKS``) bytes: 5.4 GB for 1M Lite0 rows). Rows go in and queries go out ``block_rows`` at a time from the
     memory-mapped ``features``; faiss's threads are this process's CPUs."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every build it tried
     import faiss
 
     faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
