@@ -427,8 +427,11 @@ def read_shard(path: str | os.PathLike, spatial: bool = False) -> dict[str, np.n
 
 
 class FeatureStore:
-    """Read a ``features/`` folder: per split, features as one (N, D) array, labels, paths, row ids,
-    and spatial maps streamed in batches or fetched by row id. Works the same with one shard or thousands.
+    """Read a ``features/`` folder: per split, its shards in row order (``shard_infos``, ``shards``: the streaming
+    path every stage takes), chosen rows of any dataset (``take``: one open per shard), spatial maps in batches
+    (``iter_spatial``), and the readable rows (``readable``, from the manifest alone). ``features``, ``labels``,
+    ``paths`` and ``row_ids`` concatenate a whole split: O(N) memory, for small stores, notebooks and per-row
+    columns (labels: 8 bytes a row).
 
     Every shard the manifest lists is checked on opening (``shard_damage``): its size and HDF5 signature, and
     with ``verify`` its full sha256 (reads the whole store once).
