@@ -81,3 +81,16 @@ def run_script(script: str, args: list, monkeypatch, capsys) -> tuple[int, str, 
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA GPU: without one they are deselected (pytest counts them as such), not
+    skipped, so a run on the CPU reports only tests that could run here; bench/gpu_check.sh runs them on a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]

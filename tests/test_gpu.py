@@ -1,4 +1,4 @@
-"""What only a CUDA GPU can check (``pytest -m gpu``; bench/gpu_check.sh runs these): skipped without one."""
+"""What only a CUDA GPU can check (``pytest -m gpu``; bench/gpu_check.sh runs these): deselected without one."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from catdog.config import ForestConfig
 from catdog.forest import cuml_available, fit_cuml, fit_sklearn
 from conftest import run_script
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # deselected without a CUDA GPU (tests/conftest.py)
 
 
 @pytest.mark.skipif(not cuml_available(), reason="needs cuML (pip install 'catdog[gpu]')")
