@@ -377,10 +377,10 @@ def test_topact_job_spreads_shards_and_montages_and_equals_a_single_host_result(
     print(f"topact work per node: {index['nodes']}")
     assert set(index["nodes"]) == {cluster[1].ip, cluster[2].ip}
     assert sum(n["shards"] for n in index["nodes"].values()) == 6
-    # host 3 does not see the run directory: its tasks got their shards' bytes (a shard it turned down may be
-    # searched on host 2 with its bytes too); host 2 reads shard files
+    # host 3 does not see the run directory: any shard it searched came as bytes (Ray may also place every search
+    # on host 2, a shard host 3 turned down included); host 2 reads shard files
     reads = {node: {s["read"] for s in index["shards"] if s["node"] == node} for node in index["nodes"]}
-    assert reads[cluster[2].ip] == {"object store"} and "file" in reads[cluster[1].ip]
+    assert reads[cluster[2].ip] <= {"object store"} and "file" in reads[cluster[1].ip]
     assert sum(n["montages"] for n in index["nodes"].values()) == 4
     # the same as one host: every entry's images by brute force, every montage byte for byte as drawn here
     store = FeatureStore(run / "features")
