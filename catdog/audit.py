@@ -37,6 +37,7 @@ import numpy as np
 
 from catdog.config import SPLITS, AuditConfig, Config, save_config
 from catdog.errors import CatdogError
+from catdog.forest import stratified_rows
 from catdog.io import file_sha256, open_text, read_json, remove_stale_temps_in, temp_path, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir, run_label
@@ -110,19 +111,6 @@ def fold_of(paths: list[str], folds: int, seed: int) -> np.ndarray:
                      for p in paths], dtype=np.int16)
 
 
-def stratified_sample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded sample of at most ``max_rows`` rows with the labels' proportions (all when fewer)."""
-    if len(labels) <= max_rows:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        take = max(1, round(max_rows * len(members) / len(labels)))
-        chosen.append(rng.choice(members, min(take, len(members)), replace=False))
-    return np.sort(np.concatenate(chosen))
-
-
 # ---------------------------------------------------------------------------------------------------- features
 
 def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> np.ndarray:
@@ -144,7 +132,7 @@ def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> n
 
 def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: Rows, cfg: AuditConfig) -> np.ndarray:
     """(N, K) out-of-fold probabilities of a standardised logistic regression, averaged over the runs' ``columns``
-    of ``features``. Each fold's model is fitted on the rows of one stratified sample (``stratified_sample``,
+    of ``features``. Each fold's model is fitted on the rows of one stratified sample (``stratified_rows``,
     ``audit.fit_rows``) outside that fold and predicts its fold block by block."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -152,7 +140,7 @@ def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: 
 
     classes = len(rows.classes)
     folds = fold_of(rows.paths, cfg.folds, cfg.seed)
-    sample = stratified_sample(rows.labels, cfg.fit_rows, cfg.seed)
+    sample = stratified_rows(rows.labels, cfg.fit_rows, cfg.seed)
     probabilities = np.zeros((len(rows), classes), dtype=np.float32)
     for cols in columns:
         sample_x = np.asarray(features[sample, cols])

@@ -44,7 +44,6 @@ from scipy.stats import binomtest, entropy
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils import resample
 from torch.utils.data import DataLoader, Subset
 
 from catdog import models
@@ -54,6 +53,7 @@ from catdog.config import CompareConfig, Config, save_config
 from catdog.data import find_classes
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
+from catdog.forest import stratified_rows
 from catdog.io import atomic_path, file_sha256, open_text, printable_path, read_json, write_json
 from catdog.predict import PROBABILITY_PREFIX, predict, resolve_precision
 from catdog.probe import REGULARISATION
@@ -249,15 +249,6 @@ def agreement_counts(labels: np.ndarray, predicted_a: np.ndarray, predicted_b: n
 
 FEATURE_SETS = {"a": lambda a, b: a, "b": lambda a, b: b, "concatenated": lambda a, b: np.hstack([a, b])}
 """What each logistic regression reads from a block of both models' features (rows matched)."""
-
-
-def stratified_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of ``limit`` rows (every row when there are no more), each class in its share: a seeded
-    ``sklearn.utils.resample`` stratified by label (a class too rare for one row at this share may get none)."""
-    if len(labels) <= limit:
-        return np.arange(len(labels))
-    return np.sort(resample(np.arange(len(labels)), replace=False, n_samples=limit, stratify=labels,
-                            random_state=seed))
 
 
 def fit_regressions(a: np.ndarray, b: np.ndarray, labels: np.ndarray, seed: int, bar=None
