@@ -37,7 +37,7 @@ import numpy as np
 
 from catdog.config import SPLITS, AuditConfig, Config, save_config
 from catdog.errors import CatdogError
-from catdog.forest import stratified_rows
+from catdog.sampling import stratified_rows
 from catdog.io import file_sha256, open_text, read_json, remove_stale_temps_in, temp_path, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir, run_label

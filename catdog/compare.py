@@ -53,7 +53,7 @@ from catdog.config import CompareConfig, Config, save_config
 from catdog.data import find_classes
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
-from catdog.forest import stratified_rows
+from catdog.sampling import stratified_rows
 from catdog.io import atomic_path, file_sha256, open_text, printable_path, read_json, write_json
 from catdog.predict import PROBABILITY_PREFIX, predict, resolve_precision
 from catdog.probe import REGULARISATION

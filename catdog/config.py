@@ -103,6 +103,10 @@ class TrainConfig(Section):
     linear_probe: bool = True
     """Fit a logistic regression on the frozen pretrained features before fine-tuning and report its accuracy
     beside the fine-tuned model's (RUN/linear_probe.safetensors); ``optim.head_init=linear_probe`` needs it."""
+    linear_probe_max_rows: Optional[PositiveInt] = 100_000
+    """The probe fits on a stratified sample of at most this many train images (seeded by ``seed``, every class
+    kept), whose features the main process holds (512 MB at 100,000 x 1,280 float32); test and val are scored on
+    every image, streamed. ``null`` fits on every train image."""
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     """Evaluate and keep an exponential moving average of the weights (timm's ``ModelEmaV3``); ``None`` is off."""
     wise_ft: float = Field(1.0, gt=0, le=1)

@@ -27,6 +27,7 @@ from catdog.config import Config, ForestConfig, save_config
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, write_json, write_text
 from catdog.run import RunDir
+from catdog.sampling import stratified_rows
 from catdog.store import FeatureStore
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -85,24 +86,6 @@ def signed_importances(importances: np.ndarray, mean_in: np.ndarray, mean_out: n
     """Per class c and feature j: ``importance_j * sign(mean_j on class c - mean_j on the other classes)``, as
     (n_classes, D), from the means ``class_means`` gives."""
     return importances[None, :] * np.sign(mean_in - mean_out)
-
-
-def stratified_rows(labels: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
-    """Ascending row ids (shard order) of a seeded stratified sample of at most ``max_rows`` rows; all rows when
-    they fit. Each class keeps its share (largest remainders round it) and at least one row, so a bound below the
-    number of classes is exceeded by that much. scikit-learn's stratified splitters refuse a class of one row and
-    may leave rare classes out: hence this."""
-    n = len(labels)
-    if max_rows is None or n <= max_rows:
-        return np.arange(n)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    exact = counts * (max_rows / n)
-    quota = np.floor(exact).astype(np.int64)
-    quota[np.argsort(quota - exact, kind="stable")[:max_rows - quota.sum()]] += 1
-    quota = np.maximum(quota, 1)
-    rng = np.random.default_rng(seed)
-    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
-    return np.sort(np.concatenate([rng.choice(rows, size, replace=False) for rows, size in zip(by_class, quota)]))
 
 
 def stratified_readable_rows(store: FeatureStore, split: str, max_rows: int | None, seed: int) -> np.ndarray:

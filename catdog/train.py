@@ -16,12 +16,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import save as safetensors_bytes
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from catdog import models, probe
 from catdog.config import SPLITS, Config, OptimConfig, save_config
@@ -33,6 +34,7 @@ from catdog.io import remove_stale_temps_in, write_bytes, write_json, write_text
 from catdog.predict import InputImage, csv_columns, csv_text, prediction_rows
 from catdog.progress import progress_bar
 from catdog.run import RunDir
+from catdog.sampling import stratified_rows
 
 
 LOG_EVERY_STEPS = 10
@@ -234,15 +236,21 @@ def _resume(run: RunDir, model, ema: ModelEmaV3 | None, optimizer, scheduler, cl
 
 
 def linear_probe(run: RunDir, network: models.Network, loaders: dict, accelerator: Accelerator, transforms: dict,
-                 config: Config) -> dict:
+                 config: Config, train_images: int) -> dict:
     """Fit the linear probe on the pretrained features, once, on the main process (a resumed run reads it back);
-    returns its scores. The others extract their share of the features and wait for the saved probe."""
+    returns its scores. The others send their share of the train sample's features, receive the fitted candidates
+    and score their share of test and val (``probe.count_correct``); the main process keeps the best on test."""
     if not run.linear_probe_path.exists():
-        features = {split: probe.pooled_features(network, loaders[split], accelerator, transforms[split],
-                                                 config.train.channels_last, f"linear probe: {split} features")
-                    for split in SPLITS}
+        sample = probe.pooled_features(network, loaders["train"], accelerator, transforms["train"],
+                                       config.train.channels_last, "linear probe: train features")
+        candidates = [probe.fit(sample, config.train.seed, of=train_images) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(candidates)
+        counts = {split: probe.count_correct(candidates[0], network, loaders[split], accelerator, transforms[split],
+                                             config.train.channels_last, f"linear probe: {split}")
+                  for split in ("test", "val")}
         if accelerator.is_main_process:
-            probe.save(run, *probe.fit(features["train"], features["test"], features["val"], config.train.seed))
+            probe.save(run, *probe.best(candidates[0], counts["test"], counts["val"]))
         accelerator.wait_for_everyone()
     state, scores = probe.load(run)
     accelerator.print(f"linear probe on the pretrained features (C = {scores['C']:g}): test "
@@ -272,8 +280,9 @@ def build_ema(config: Config, network: models.Network) -> ModelEmaV3 | None:
 def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[str], cache_dir: Path | None,
                   device: torch.device) -> tuple[dict, dict[str, DataLoader]]:
     """The datasets and loaders of the three splits (train augmented and shuffled) and of ``probe``: the train split
-    without augmentation, for the linear probe. Each dataset's ``batch_transform`` finishes its batches on the
-    device (data.cache).
+    without augmentation, for the linear probe (its loader reads the stratified sample of at most
+    ``train.linear_probe_max_rows`` images). Each dataset's ``batch_transform`` finishes its batches on the device
+    (data.cache).
 
     The train loader starts its workers afresh every epoch: they are seeded from the global generator when they
     start, which ``set_seed(seed + epoch)`` has just reset, so a resumed epoch draws the same augmentations as an
@@ -282,11 +291,13 @@ def build_loaders(config: Config, data_root: str | os.PathLike, classes: list[st
     datasets = {split: open_split(data_root, split, config.data, train=split == "train", classes=classes,
                                   cache_dir=cache_dir) for split in SPLITS}
     datasets["probe"] = datasets["train"].unaugmented(config.data)
+    probe_rows = stratified_rows(np.asarray([sample.label for sample in datasets["train"].samples]),
+                                 config.train.linear_probe_max_rows, config.train.seed).tolist()
     kept, fresh = (loader_options(config.data.num_workers, device, persistent=keep) for keep in (True, False))
     loaders = {"train": DataLoader(datasets["train"], config.data.batch_size, shuffle=True, **fresh),
                "test": DataLoader(datasets["test"], config.data.eval_batch_size, **kept),
                "val": DataLoader(datasets["val"], config.data.eval_batch_size, **kept),
-               "probe": DataLoader(datasets["probe"], config.data.eval_batch_size, **fresh)}
+               "probe": DataLoader(Subset(datasets["probe"], probe_rows), config.data.eval_batch_size, **fresh)}
     return datasets, loaders
 
 
@@ -377,7 +388,7 @@ def fine_tune(config: Config, data_root: str | os.PathLike, run: RunDir, classes
     baseline = None
     if config.train.linear_probe:
         baseline = linear_probe(run, network, {**loaders, "train": loaders["probe"]}, accelerator,
-                                {**transforms, "train": transforms["probe"]}, config)
+                                {**transforms, "train": transforms["probe"]}, config, len(datasets["train"]))
         if config.optim.head_init == "linear_probe":
             network.head.load_state_dict(baseline["state"])
     start = {key: value.detach().clone() for key, value in network.state_dict().items()}  # for WiSE-FT

@@ -18,12 +18,13 @@ from catdog import compare as compare_module
 from catdog.compare import (CrossMoments, agreement_counts, aligned_blocks, area_above_half_max, cam_style,
                             completed_summary, disagreement, feature_comparison, linear_cka, mcnemar_p,
                             normalised_entropy, object_masks, peak, pointing_hits, run_names, shuffled_cka_spread,
-                            stats, stratified_rows, top_iou, top_region)
+                            stats, top_iou, top_region)
 from catdog.config import CompareConfig
 from catdog.errors import CatdogError
 from catdog.extract import extract
 from catdog.io import read_json, write_json
 from catdog.run import RunDir
+from catdog.sampling import stratified_rows
 from catdog.store import FeatureStore
 from catdog.train import train
 from conftest import make_image_folder, run_script, tiny_config

@@ -14,8 +14,8 @@ from sklearn.ensemble import RandomForestClassifier
 from catdog.config import load_config, save_config
 from catdog.errors import CatdogError
 from catdog.forest import (CUML_DEPTH_CAP, choose_backend, class_means, impurity_importances, max_depth_for,
-                           per_class_csv, rank_descending, ranking_csv, read_rows, run_forest, signed_importances,
-                           stratified_rows)
+                           per_class_csv, rank_descending, ranking_csv, read_rows, run_forest, signed_importances)
+from catdog.sampling import stratified_rows
 from catdog.store import FeatureStore
 from test_store import CLASSES, write_store
 

@@ -149,6 +149,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_path, synthetic_root):
+    from catdog import probe
     """Also: the linear probe is fitted once, on the main process, from features each process sends it alone."""
     # accelerate 1.15's `--cpu --num_processes 2` starts ONE process; --multi_gpu plus Accelerator(cpu=True) gives two.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -156,14 +157,19 @@ def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_pat
                 "--main_process_port", str(_free_port())]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     process = subprocess.Popen([*launcher, "jobs/train.py", "--config", "configs/efficientnet_lite0.yaml",
-                                "--data", str(synthetic_root), "--out", str(tmp_path / "ddp"), *TINY, "optim.epochs=1"],
+                                "--data", str(synthetic_root), "--out", str(tmp_path / "ddp"), *TINY, "optim.epochs=1",
+                                "train.linear_probe_max_rows=30"],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, _ = process.communicate(timeout=600)
     assert process.returncode == 0, log
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["num_processes"] == 2
-    # the linear probe: fitted once, by the main process, on every train image once (not per rank, not padded)
-    assert log.count("linear probe: fitting on") == 1 and "linear probe: fitting on 48 train images" in log
+    # the linear probe: fitted once, by the main process, on its stratified sample of the 48 train images, each
+    # once (not per rank, not padded); test and val scored by both ranks, each image once
+    assert log.count("linear probe: fitting on") == 1
+    assert "linear probe: fitting on 30 train images (a stratified sample of 48)" in log
+    _, scores = probe.load(RunDir(tmp_path / "ddp"))
+    assert (scores["test_accuracy"] * 14).is_integer() and (scores["val_accuracy"] * 10).is_integer()
     per_rank = summary["images_per_rank"]
     assert len(per_rank) == 2 and all(n <= 24 for n in per_rank) and sum(per_rank) >= 48
     # 14 test and 10 val images in batches of 4 over 2 ranks: padding is added and must not be counted
@@ -173,13 +179,14 @@ def test_two_cpu_processes_split_the_data_and_count_each_eval_image_once(tmp_pat
     assert [row.split(",")[0] for row in rows] == listed  # every val image once, in the split's order
 
 
-def test_linear_probe_is_reported_and_lp_ft_starts_from_its_head(tmp_path, synthetic_root):
+def test_linear_probe_is_reported_and_lp_ft_starts_from_its_head(tmp_path, synthetic_root, capsys):
     from catdog import probe
     from catdog.train import train
 
     # a learning rate too small to move anything: the trained head must still be the probe's
     summary = train(tiny_config("optim.head_init=linear_probe", "optim.lr=1e-12", "train.ema_decay=null",
                                 "train.log_with=none"), synthetic_root, tmp_path / "run")
+    assert "linear probe: fitting on 48 train images (process" in capsys.readouterr().out  # no bound reached
     run = RunDir(tmp_path / "run")
     state, scores = probe.load(run)
     assert summary["linear_probe_test_accuracy"] == scores["test_accuracy"]
@@ -206,7 +213,10 @@ def test_probe_fit_folds_sklearn_into_one_linear_layer():
         labels = rng.integers(0, 3, n)
         return (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32), labels
     train, test, val = sample(300), sample(100), sample(100)
-    state, scores = probe.fit(train, test, val, seed=0)
+    candidates = probe.fit(train, seed=0)
+    counts = {name: (probe.hits(candidates, *split).sum(0), len(split[1])) for name, split in (("test", test),
+                                                                                                ("val", val))}
+    state, scores = probe.best(candidates, counts["test"], counts["val"])
     assert all(tensor.is_contiguous() for tensor in state.values())  # safetensors saves only contiguous tensors
     reference = LogisticRegression(C=scores["C"], max_iter=5000, random_state=0).fit(*train)
     logits = torch.from_numpy(val[0]) @ state["weight"].T + state["bias"]
@@ -225,7 +235,9 @@ def test_binary_probe_gives_sklearns_probabilities():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 200)
     features = (labels[:, None] * 1.5 + rng.normal(size=(200, 8))).astype(np.float32)
-    state, scores = probe.fit((features, labels), (features, labels), (features, labels), seed=0)
+    candidates = probe.fit((features, labels), seed=0)
+    count = (probe.hits(candidates, features, labels).sum(0), len(labels))
+    state, scores = probe.best(candidates, count, count)
     reference = LogisticRegression(C=scores["C"], max_iter=5000, random_state=0).fit(features, labels)
     probabilities = (torch.from_numpy(features) @ state["weight"].T + state["bias"]).softmax(1)
     np.testing.assert_allclose(probabilities.numpy(), reference.predict_proba(features), atol=1e-5)
