@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 
 from catdog.config import Config, DataConfig, save_config
 from catdog.data import (DECODER_VERSION, Sample, build_batch_transform, decode_steps, find_classes,
-                         limit_image_pixels, list_files, load_rgb, unreadable_reason, warn_skipped)
+                         limit_image_pixels, list_files, load_rgb, loader_options, unreadable_reason, warn_skipped)
 from catdog.devices import accelerator_for, autocast, require_shared_folder
 from catdog.errors import CatdogError
 from catdog.io import file_sha256
@@ -89,7 +89,9 @@ def batch_plan(tasks: list[ShardTask], offsets: dict[str, int], batch_size: int)
 
 def decode_workers(configured: int | None) -> int:
     """``extract.num_workers``, or one decoding worker per core this process may use, the cores shared among the
-    processes of this machine (decoding is most of extraction's CPU time besides the forward pass)."""
+    processes of this machine (decoding is most of extraction's CPU time besides the forward pass). On the CPU they
+    run under ``SCHED_IDLE`` (``catdog.data.loader_options``): they decode in the gaps the forward pass leaves
+    instead of taking a core from one of its threads."""
     if configured is not None:
         return configured
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -255,7 +257,7 @@ def _write_shards(network: Network, data_root: Path, listings: dict[str, list[Sa
     plan = batch_plan(tasks, offsets, cfg.batch_size)
     workers = decode_workers(cfg.num_workers)
     loader = DataLoader(DecodedRows(rows, config.data), batch_sampler=[indices for _, indices in plan],
-                        num_workers=workers, pin_memory=accelerator.device.type == "cuda")
+                        **loader_options(workers, accelerator.device, persistent=False))
     precision_context = autocast(accelerator.device.type, precision)
     bar = progress_bar(total=sum(t.rows for t in tasks), unit="img", desc="extract",
                        disable=not accelerator.is_main_process)
