@@ -77,6 +77,9 @@ RUNS = {"a": "efficientnet_lite0", "b": "mobilenetv2_100"}
 STAGES = ["gradcam", "robustness", "extract", "extract_b", "forest", "sweep", "topact", "concepts", "audit",
           "compare", "report"]
 SKIPPED_FILES = {"last.pt", "val_predictions.csv", "writer.lock"}
+NEEDS = {"forest": ("extract",), "sweep": ("forest",), "topact": ("forest",), "concepts": ("extract",),
+         "audit": ("extract", "extract_b"), "compare": ("gradcam", "extract", "extract_b")}
+"""The stages whose outputs a stage reads: ``--stages`` must hold them too (each N starts from fresh run folders)."""
 
 TRIM_CONFIG = r"""
 import sys, yaml
@@ -612,6 +615,10 @@ def main() -> None:
     results_dir = args.work / "results" / args.label
     plot = args.plot or results_dir / "scale.png"
     args.stages = [s for s in STAGES if s in args.stages]
+    for stage in args.stages:
+        missing = [need for need in NEEDS.get(stage, ()) if need not in args.stages]
+        if missing:
+            p.error(f"--stages: {stage} reads the outputs of {' and '.join(missing)}; add them")
     settings = {"seed": args.seed, "train_batches": args.train_batches, "train_per_class": args.train_per_class,
                 "sets": args.sets, "stages": args.stages, "image_size": args.image_size,
                 "source": str(args.source)}

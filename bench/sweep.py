@@ -32,10 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import ray
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score
+
+from process_tree import sample_tree
 
 from catdog.cli import config_from, parser, run_job
 from catdog.cluster import ray_session
@@ -103,28 +104,6 @@ def synthetic_run(folder: Path, rows: int, dim: int, env: dict, checkout: Path) 
     subprocess.run([sys.executable, "-c", BUILD, str(folder), str(rows), str(dim)], check=True, cwd=folder,
                    env={**env, "PYTHONPATH": os.pathsep.join([str(checkout / "tests"), env["PYTHONPATH"]])})
     return folder
-
-
-def sample_tree(pid: int, stop: threading.Event, peaks: dict) -> None:
-    """Peaks of the summed RSS and PSS of ``pid`` and its descendants, and of ``pid``'s own RSS, until ``stop``."""
-    root = psutil.Process(pid)
-    while not stop.is_set():
-        try:
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        rss = pss = 0
-        for process in processes:
-            try:
-                info = process.memory_full_info()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            rss, pss = rss + info.rss, pss + info.pss
-            if process.pid == pid:
-                peaks["driver"] = max(peaks.get("driver", 0), info.rss / 2**20)
-        peaks["rss"] = max(peaks.get("rss", 0), rss / 2**20)
-        peaks["pss"] = max(peaks.get("pss", 0), pss / 2**20)
-        time.sleep(0.05)
 
 
 def measure_memory(rows: int, dim: int, catdog: str | None, overrides: list[str]) -> dict:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from process_tree import sample_tree
 
 from catdog.cluster import ray_session
 from catdog.store import FeatureStore, ShardInfo, ShardWriter, shard_name, write_manifest
@@ -65,25 +66,6 @@ def measure(store_path: Path, method: str) -> None:
                       "seconds": seconds,
                       "top_rows_sha256": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest(),
                       "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-
-
-def sample_tree(pid: int, stop: threading.Event, peaks: dict) -> None:
-    root = psutil.Process(pid)
-    while not stop.is_set():
-        try:
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        total = 0
-        for process in processes:
-            try:
-                rss = process.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-            total += rss
-            peaks["largest_process_mb"] = max(peaks.get("largest_process_mb", 0), rss / 2**20)
-        peaks["tree_mb"] = max(peaks.get("tree_mb", 0), total / 2**20)
-        time.sleep(0.05)
 
 
 def run_measurement(store_path: Path, method: str) -> dict:
@@ -128,7 +110,7 @@ def main() -> None:
     for method, rows, size_mb, r in results:
         print(f"{method:>7} {rows:>8} {size_mb:>9.0f} {r['shards']:>7} {r['seconds']:>8.1f} "
               f"{r['driver_peak_rss_mb']:>15.0f} {r.get('time_v_max_rss_mb', float('nan')):>15.0f} "
-              f"{r['largest_process_mb']:>16.0f} {r['tree_mb']:>13.0f}")
+              f"{r['largest']:>16.0f} {r['rss']:>13.0f}")
     same = all(ray_run["top_rows_sha256"] == brute_run["top_rows_sha256"]
                for (*_, ray_run), (*_, brute_run) in zip(results[::2], results[1::2]))
     print(f"Ray search and brute force find the same top-{TOP} rows of all {FEATURES} features: "
@@ -136,8 +118,8 @@ def main() -> None:
     for method in ("ray", "brute"):
         small, large = (r for m, _, _, r in results if m == method)
         print(f"{method}: 2N / N peak memory: driver {large['driver_peak_rss_mb'] / small['driver_peak_rss_mb']:.2f}x, "
-              f"largest process {large['largest_process_mb'] / small['largest_process_mb']:.2f}x, "
-              f"process tree {large['tree_mb'] / small['tree_mb']:.2f}x (store size 2.00x)")
+              f"largest process {large['largest'] / small['largest']:.2f}x, "
+              f"process tree {large['rss'] / small['rss']:.2f}x (store size 2.00x)")
 
 
 if __name__ == "__main__":
