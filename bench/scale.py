@@ -36,8 +36,9 @@ ended by their ids.
 The exponents are log-log slopes of wall time and peak memory between successive sizes. 1M and 100M images: time from
 seconds per image at the largest N (times N), memory linear in N through the two largest sizes (flat where it fell
 between them). Targets, per stage:
-seconds per image at the largest N within 1.25x of the smallest N's, and peak memory extrapolated to 1M images
-<= 16 GB. Stages a checkout lacks (jobs/audit.py) are skipped with a note.
+seconds per image at the largest N within 1.25x of the smallest N's (the CPU seconds' ratio printed beside it, which
+other work on the machine disturbs less), and peak memory extrapolated to 1M images <= 16 GB. Stages a checkout lacks
+(jobs/audit.py) are skipped with a note.
 
 Results: ``--work/results/<label>/n<N>.json`` per size (label: the checkout folder's name unless ``--label``), so a
 size already measured with the same settings is not run again unless ``--force``; the plot
@@ -461,6 +462,8 @@ def stage_summary(stage: str, points: list[tuple[int, dict]]) -> dict:
                                     for i in range(len(sizes) - 1)]}
     per_image = [w / n for w, n in zip(wall, sizes)]
     summary["time_ratio"] = per_image[-1] / per_image[0]
+    cpu_per_image = [m["cpu_s"] / n for n, m in points]
+    summary["cpu_time_ratio"] = cpu_per_image[-1] / cpu_per_image[0] if cpu_per_image[0] > 0 else None
     if len(sizes) >= 2:
         per_n = max(0.0, (peak[-1] - peak[-2]) / (sizes[-1] - sizes[-2]))  # a falling peak extrapolates flat
         summary["memory_mb_per_image"] = per_n
@@ -515,7 +518,9 @@ def print_summary(results: list[dict], plot: Path) -> dict:
             print(f"{stage:11s} no result: it failed at some size or ran at one size only")
             continue
         memory_1m = summary["extrapolated"][str(EXTRAPOLATE_TO[0])]["peak_mb"] / 1024
-        print(f"{stage:11s} time {'PASS' if summary['time_pass'] else 'FAIL'} ({summary['time_ratio']:.2f}x)  "
+        cpu = summary["cpu_time_ratio"]
+        cpu = "" if cpu is None else f"; cpu s/image {cpu:.2f}x"
+        print(f"{stage:11s} time {'PASS' if summary['time_pass'] else 'FAIL'} ({summary['time_ratio']:.2f}x{cpu})  "
               f"memory {'PASS' if summary['memory_pass'] else 'FAIL'} ({memory_1m:.1f} GB at 1M)")
     failed_sizes = [(r["n"], s) for r in results for s, m in r["stages"].items() if m["exit_code"] != 0]
     if failed_sizes:
