@@ -113,21 +113,39 @@ def fold_of(paths: list[str], folds: int, seed: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- features
 
-def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> np.ndarray:
+class FeatureFile:
+    """A float32 (N, D) ``.npy`` file read a block at a time: each read maps the file, copies what it asks for and
+    unmaps it, so the process holds one block, not the pages of every block read so far (a memory map kept open
+    would keep them: N x D x 4 bytes, counted in its resident memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.shape = np.load(path, mmap_mode="r").shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r")[key])  # the map is gone with the expression
+
+
+def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> FeatureFile:
     """Every store's features, L2-normalised and scaled by 1/sqrt(stores), side by side in a float32 array file at
-    ``path`` (memory-mapped, read back block by block): a row's dot product with another is the stores' mean
-    cosine. Written shard by shard."""
+    ``path``, read back block by block (``FeatureFile``): a row's dot product with another is the stores' mean
+    cosine. Written shard by shard, the file mapped for each shard alone."""
     dims = [store.feature_dim for store in stores]
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows), sum(dims)))
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows), sum(dims)))  # header and size
     scale = 1 / math.sqrt(len(stores))
     column = 0
     for store, dim in zip(stores, dims):
         for first, features in iter_shards(store, rows.splits):
             norms = np.linalg.norm(features, axis=1, keepdims=True)
+            array = np.load(path, mmap_mode="r+")
             array[first:first + len(features), column:column + dim] = features / np.maximum(norms, 1e-12) * scale
+            array.flush()
+            del array
         column += dim
-    array.flush()
-    return array
+    return FeatureFile(path)
 
 
 def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: Rows, cfg: AuditConfig) -> np.ndarray:
@@ -143,7 +161,7 @@ def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: 
     sample = stratified_rows(rows.labels, cfg.fit_rows, cfg.seed)
     probabilities = np.zeros((len(rows), classes), dtype=np.float32)
     for cols in columns:
-        sample_x = np.asarray(features[sample, cols])
+        sample_x = np.asarray(features[sample, cols])  # one read of the sample's rows
         models = []
         for fold in range(cfg.folds):
             fit = folds[sample] != fold
@@ -178,8 +196,9 @@ def nearest_neighbours(features: np.ndarray, k: int, block_rows: int,
     time per image stays nearly flat as N grows, needs no training, and takes rows block by block. (An inverted-file
     index with sqrt(N) lists scans a share of rows that grows as sqrt(N) per query and needs k-means first.) The
     index holds every row, the one structure of all N rows: a graph search must reach any of them (N x (4 D + 8 x
-    ``HNSW_LINKS``) bytes: 5.4 GB for 1M Lite0 rows). Rows go in and queries go out ``block_rows`` at a time from the
-    memory-mapped ``features``; faiss's threads are this process's CPUs."""
+    ``HNSW_LINKS``) bytes: 5.4 GB for 1M Lite0 rows, twice that for two runs' features side by side). Rows go in and
+    queries go out ``block_rows`` at a time from ``features`` (an array or a ``FeatureFile``); faiss's threads are
+    this process's CPUs."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every build it tried
     import faiss
 

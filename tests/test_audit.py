@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog.audit import Rows, duplicate_pairs, nearest_neighbours, out_of_fold_probabilities
+from catdog.audit import FeatureFile, Rows, duplicate_pairs, nearest_neighbours, out_of_fold_probabilities
 from catdog.config import AuditConfig
 from catdog.errors import CatdogError
 from catdog.io import read_json
@@ -180,3 +180,20 @@ def test_quarantine_moves_listed_images_once(tmp_path):
     listed.write_text("path\n../outside.jpg\n")
     with pytest.raises(CatdogError, match="not an image inside"):
         quarantine_listed(data, listed)
+
+
+def test_feature_file_reads_blocks_and_keeps_no_mapping(tmp_path):
+    """The audit's features file: every read equals the array's, and no map of the file outlives a read (a kept map
+    would hold every block read so far in the process's memory: N x D x 4 bytes)."""
+    features = np.random.default_rng(0).random((50, 6), dtype=np.float32)
+    path = tmp_path / "features.npy"
+    np.save(path, features)
+    file = FeatureFile(path)
+    assert file.shape == (50, 6) and len(file) == 50
+    np.testing.assert_array_equal(file[10:20], features[10:20])
+    np.testing.assert_array_equal(file[np.array([3, 7, 41]), 2:5], features[np.array([3, 7, 41]), 2:5])
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    similarity, index = nearest_neighbours(file, k=3, block_rows=7, exact_rows=50)
+    reference = nearest_neighbours(features, k=3, block_rows=7, exact_rows=50)
+    np.testing.assert_array_equal(index, reference[1])
+    np.testing.assert_array_equal(similarity, reference[0])
