@@ -82,6 +82,8 @@ def seed_loop(data, ks, estimators) -> dict:
 BUILD = """
 import sys
 from pathlib import Path
+
+import numpy as np
 from synthetic_store import write_rankings, write_store
 
 folder, rows, dim = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -143,7 +145,7 @@ def memory(sizes: list[int], dim: int, catdog: str | None, overrides: list[str])
               f"{r['driver']:>14.0f} {r['rss']:>16.0f} {r['pss']:>16.0f}")
     (n1, r1), (n2, r2) = results[0], results[-1]
     for key, name in (("rss", "RSS"), ("pss", "PSS")):
-        at_1m = r1[key] + (r2[key] - r1[key]) / (n2 - n1) * (1_000_000 - n1)
+        at_1m = r2[key] + max(0.0, (r2[key] - r1[key]) / (n2 - n1)) * (1_000_000 - n2)  # a falling peak: flat
         print(f"tree {name} peak extrapolated linearly to 1,000,000 train images: {at_1m / 1024:.1f} GB")
 
 
