@@ -414,11 +414,11 @@ def test_concepts_job_runs_its_shard_tasks_on_both_workers_and_equals_a_single_h
     assert set(index["nodes"]) == {cluster[1].ip, cluster[2].ip}, out  # both workers; host 3 sees no run directory
     steps = {step: sum(n.get(step, 0) for n in index["nodes"].values()) for step in ("sample", "fit", "measure")}
     assert steps == {"sample": 6, "fit": 2, "measure": 6 + 2}  # 48 train and 10 val images in shards of 8
-    # host 3 does not see the run directory: each of its shard tasks got the shard's bytes; host 2 reads files
-    # (and may take shards host 3 turned down, with their bytes)
+    # host 3 does not see the run directory: each of its shard tasks got the shard's bytes (Ray may place none of
+    # them there, only a fit); host 2 reads files (and may take shards host 3 turned down, with their bytes)
     shard_tasks = {node: sum(n.get(step, 0) for step in ("sample", "gather", "measure"))
                    for node, n in index["nodes"].items()}
-    assert index["nodes"][cluster[2].ip]["shards_sent"] == shard_tasks[cluster[2].ip] > 0
+    assert index["nodes"][cluster[2].ip].get("shards_sent", 0) == shard_tasks[cluster[2].ip]
     assert index["nodes"][cluster[1].ip].get("shards_sent", 0) < shard_tasks[cluster[1].ip]
     # the same as one process on one host
     local = Path(shutil.copytree(run, base / "concepts-local", ignore=shutil.ignore_patterns("concepts")))
