@@ -37,10 +37,10 @@ import numpy as np
 
 from catdog.config import SPLITS, AuditConfig, Config, save_config
 from catdog.errors import CatdogError
-from catdog.sampling import stratified_rows
 from catdog.io import file_sha256, open_text, read_json, remove_stale_temps_in, temp_path, write_json, write_text
 from catdog.progress import progress_bar
 from catdog.run import RunDir, run_label
+from catdog.sampling import stratified_rows
 from catdog.store import FeatureStore
 
 KINDS = ("label_issues", "outliers", "duplicates")
@@ -148,7 +148,7 @@ def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> F
     return FeatureFile(path)
 
 
-def out_of_fold_probabilities(features: np.ndarray, columns: list[slice], rows: Rows, cfg: AuditConfig) -> np.ndarray:
+def out_of_fold_probabilities(features: np.ndarray | FeatureFile, columns: list[slice], rows: Rows, cfg: AuditConfig) -> np.ndarray:
     """(N, K) out-of-fold probabilities of a standardised logistic regression, averaged over the runs' ``columns``
     of ``features``. Each fold's model is fitted on the rows of one stratified sample (``stratified_rows``,
     ``audit.fit_rows``) outside that fold and predicts its fold block by block."""

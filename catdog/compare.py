@@ -53,12 +53,12 @@ from catdog.config import CompareConfig, Config, save_config
 from catdog.data import find_classes
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
-from catdog.sampling import stratified_rows
 from catdog.io import atomic_path, file_sha256, open_text, printable_path, read_json, write_json
 from catdog.predict import PROBABILITY_PREFIX, predict, resolve_precision
 from catdog.probe import REGULARISATION
 from catdog.progress import progress_bar
 from catdog.run import RunDir
+from catdog.sampling import stratified_rows
 from catdog.splits import open_split
 from catdog.store import FeatureStore, decode_paths
 

@@ -99,7 +99,6 @@ def hits(candidates: list[Candidate], features: np.ndarray, labels: np.ndarray) 
     return np.stack([np.argmax(features @ c.weight.T + c.bias, axis=1) == labels for c in candidates], axis=1)
 
 
-@torch.no_grad()
 def count_correct(candidates: list[Candidate], network: models.Network, loader, accelerator: Accelerator,
                   batch_transform, channels_last: bool, desc: str) -> tuple[np.ndarray, int]:
     """Each candidate's right answers over the loader's whole split and the number of images, streamed: every
