@@ -274,7 +274,8 @@ def _write_shards(network: Network, data_root: Path, listings: dict[str, list[Sa
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 fmap = network.spatial(batch)
                 features = network.pool(fmap).float().cpu().numpy()
-                maps = fmap.to(torch.float16).cpu().numpy() if spatial_shape else None
+                maps = (fmap.to(torch.float16, memory_format=torch.contiguous_format).cpu().numpy()  # HDF5's row order
+                        if spatial_shape else None)
                 readable = np.array([not problem for problem in problems])
                 if not readable.all():
                     features[~readable] = 0

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import h5py
+import hdf5plugin
 import numpy as np
 from PIL import Image
 
@@ -45,6 +46,9 @@ PER_SHARD_ATTRS = ("split", "first_row", "rows")
 """Shard attributes that differ between the shards of one store; all others must match."""
 IDENTITY_KEYS = ("checkpoint_sha256", "model", "transform")
 """Manifest entries that say where the features come from: an extraction that differs refuses the store."""
+COMPRESSION = {"lz4": hdf5plugin.LZ4(), "lzf": {"compression": "lzf"}, "gzip": {"compression": "gzip"}, None: {}}
+"""The spatial maps' filters by ``extract.compression``. HDF5's LZ4 filter comes from ``hdf5plugin``, which this
+module imports so that every reader of a shard (each imports this module) can read it; a store may mix filters."""
 _SHARD_NAME = re.compile(r"^(?!\.)(?P<split>.+)-(?P<index>\d{4,})\.h5$")
 
 
@@ -135,7 +139,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike, rows: int, feature_dim: int,
-                 spatial_shape: tuple[int, int, int] | None, attrs: dict, compression: str | None = "lzf"):
+                 spatial_shape: tuple[int, int, int] | None, attrs: dict, compression: str | None = "lz4"):
         self.path = Path(path)
         self.rows = rows
         self._buffer = io.BytesIO()
@@ -150,7 +154,7 @@ class ShardWriter:
         f.create_dataset("readable", (rows,), dtype="bool")
         if spatial_shape is not None:
             f.create_dataset("spatial", (rows, *spatial_shape), dtype="float16",
-                             chunks=(1, *spatial_shape), compression=compression)
+                             chunks=(1, *spatial_shape), **COMPRESSION[compression])
         self._filled = 0
         self.unreadable: list[int] = []
         """Row ids written with ``readable`` False."""

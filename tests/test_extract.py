@@ -31,7 +31,7 @@ from catdog.extract import batch_plan, deal, extract, plan_shards
 from catdog.io import file_sha256, temp_path
 from catdog.models import fold_batchnorm
 from catdog.run import RunDir
-from catdog.store import MANIFEST, FeatureStore, ShardInfo, read_shard
+from catdog.store import COMPRESSION, MANIFEST, FeatureStore, ShardInfo, read_shard
 from synthetic_store import DAMAGES, damage_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +189,24 @@ def test_rerun_writes_only_missing_shards(extracted, tmp_path, synthetic_root):
     assert not left.exists()
     for split, features in all_features(extracted).items():
         np.testing.assert_array_equal(all_features(run)[split], features)
+
+
+def test_a_store_may_mix_compressions(extracted, tmp_path, synthetic_root):
+    """A shard rewritten with lzf (the default before lz4) beside lz4 shards: every map reads back the same bits."""
+    run = Path(shutil.copytree(extracted, tmp_path / "run"))
+    (run / "features" / "train-0001.h5").unlink()
+    (run / "features" / MANIFEST).unlink()
+    extract(config_for(run, *EXTRACT, "extract.compression=lzf"), run, synthetic_root)
+
+    def map_filter(name: str) -> int:
+        with h5py.File(run / "features" / name, "r") as f:
+            return f["spatial"].id.get_create_plist().get_filter(0)[0]
+
+    assert map_filter("train-0001.h5") == h5py.h5z.FILTER_LZF
+    assert map_filter("train-0000.h5") == dict(COMPRESSION["lz4"])["compression"]
+    rows = np.arange(48)
+    np.testing.assert_array_equal(FeatureStore(run / "features").spatial("train", rows),
+                                  FeatureStore(extracted / "features").spatial("train", rows))
 
 
 def test_crash_midway_then_resume(extracted, tiny_run, tmp_path, synthetic_root, monkeypatch):
