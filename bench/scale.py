@@ -543,12 +543,14 @@ def write_plot(results: list[dict], stages: list[str], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     sizes = [r["n"] for r in results]
-    for stage in stages:
+    for index, stage in enumerate(stages):
         points = [(r["n"], r["stages"][stage]) for r in results
                   if stage in r["stages"] and r["stages"][stage]["exit_code"] == 0]
+        style = dict(color=f"C{index % 10}", marker="os^"[index // 10 % 3], linestyle="-" if index < 10 else "--",
+                     label=stage)  # matplotlib has 10 colours; more stages than that change marker and line
         if points:
-            left.plot([n for n, _ in points], [m["wall_s"] for _, m in points], marker="o", label=stage)
-            right.plot([n for n, _ in points], [m["peak_mb"] for _, m in points], marker="o", label=stage)
+            left.plot([n for n, _ in points], [m["wall_s"] for _, m in points], **style)
+            right.plot([n for n, _ in points], [m["peak_mb"] for _, m in points], **style)
     for axis, ylabel in ((left, "wall seconds"), (right, "peak memory of the process tree (PSS, MB)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
