@@ -136,8 +136,8 @@ class ExtractConfig(Section):
     spatial: bool = True
     """Store each image's last spatial feature map (float16) beside its pooled features."""
     compression: Optional[Literal["lz4", "lzf", "gzip"]] = "lz4"
-    """The spatial maps' HDF5 filter (``catdog.store.COMPRESSION``): lz4 writes about 3x and reads 5x faster than
-    lzf at the same size; ``None`` stores them raw."""
+    """The spatial maps' HDF5 filter (``catdog.store.COMPRESSION``): lz4 writes 2-3x and reads 5x faster than lzf at
+    the same size (``bench/compression.py``); ``None`` stores them raw."""
     mixed_precision: Precision = "auto"
     channels_last: bool = True
     fold_batchnorm: bool = True

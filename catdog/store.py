@@ -36,6 +36,7 @@ import hdf5plugin
 import numpy as np
 from PIL import Image
 
+from catdog.config import ExtractConfig
 from catdog.errors import CatdogError
 from catdog.io import file_sha256, is_temp_path, path_from_bytes, path_to_bytes, read_json, write_bytes, write_json
 
@@ -139,7 +140,8 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike, rows: int, feature_dim: int,
-                 spatial_shape: tuple[int, int, int] | None, attrs: dict, compression: str | None = "lz4"):
+                 spatial_shape: tuple[int, int, int] | None, attrs: dict,
+                 compression: str | None = ExtractConfig.model_fields["compression"].default):
         self.path = Path(path)
         self.rows = rows
         self._buffer = io.BytesIO()
