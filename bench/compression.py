@@ -23,13 +23,13 @@ def write_and_read(maps: np.ndarray, compression: str | None, batch: int, folder
     """Seconds writing ``maps`` batch by batch (``close`` included), seconds reading them back, bytes on disk."""
     rows = len(maps)
     path = folder / f"{compression}.h5"
-    features = np.zeros((rows, 1), np.float32)
+    features, labels = np.zeros((rows, 1), np.float32), np.zeros(rows, np.int64)
+    names = [f"{i}.jpg" for i in range(rows)]
     writer = ShardWriter(path, rows, 1, maps.shape[1:], {}, compression)
     start = time.perf_counter()
     for first in range(0, rows, batch):
         part = slice(first, first + batch)
-        writer.write(features[part], np.zeros(len(maps[part]), np.int64), np.arange(rows)[part],
-                     [f"{i}.jpg" for i in range(rows)][part], maps[part])
+        writer.write(features[part], labels[part], np.arange(rows)[part], names[part], maps[part])
     _, size = writer.close()
     written = time.perf_counter() - start
     start = time.perf_counter()
@@ -52,15 +52,16 @@ def main() -> None:
     store = FeatureStore(args.store)
     split = store.splits[0]
     maps = store.spatial(split, np.arange(min(args.rows, store.num_rows(split))))
-    print(f"{len(maps)} maps {tuple(maps.shape[1:])} float16 of {args.store} ({split}), {np.mean(maps == 0):.0%} zeros; "
+    print(f"{len(maps)} maps {tuple(maps.shape[1:])} float16 of {args.store} ({split}), {np.mean(maps == 0):.0%} "
+          f"zeros; "
           f"batches of {args.batch}, best of {args.repeat}")
     batches = len(maps) / args.batch
     with tempfile.TemporaryDirectory() as tmp:
         for name in COMPRESSION:
             runs = [write_and_read(maps, name, args.batch, Path(tmp)) for _ in range(args.repeat)]
             written, read, size = min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2]
-            print(f"{str(name):5s}: write {written / batches * 1000:5.1f} ms a batch, read {read / batches * 1000:5.1f} "
-                  f"ms a batch, {size / maps.nbytes:6.1%} of the raw maps")
+            print(f"{str(name):5s}: write {written / batches * 1000:5.1f} ms a batch, "
+                  f"read {read / batches * 1000:5.1f} ms a batch, {size / maps.nbytes:6.1%} of the raw maps")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def normalised_features(stores: list[FeatureStore], rows: Rows, path: Path) -> F
     return FeatureFile(path)
 
 
-def out_of_fold_probabilities(features: np.ndarray | FeatureFile, columns: list[slice], rows: Rows, cfg: AuditConfig) -> np.ndarray:
+def out_of_fold_probabilities(features: np.ndarray | FeatureFile, columns: list[slice], rows: Rows,
+                              cfg: AuditConfig) -> np.ndarray:
     """(N, K) out-of-fold probabilities of a standardised logistic regression, averaged over the runs' ``columns``
     of ``features``. Each fold's model is fitted on the rows of one stratified sample (``stratified_rows``,
     ``audit.fit_rows``) outside that fold and predicts its fold block by block."""
