@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from catdog.classes import classes_shown
 from catdog.config import Config, DataConfig, GradcamConfig, save_config
-from catdog.data import ImageDataset, find_classes, load_rgb
+from catdog.data import ImageDataset, find_classes, load_rgb, loader_options
 from catdog.splits import open_split
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
@@ -432,8 +432,9 @@ def draw_sanity(models: list[dict], threshold: float, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
-def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig) -> DataLoader:
-    return DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=data.num_workers)
+def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig, network: Network) -> DataLoader:
+    return DataLoader(Subset(dataset, rows), batch_size=batch_size,
+                      **loader_options(data.num_workers, next(network.parameters()).device, persistent=False))
 
 
 def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
@@ -441,7 +442,7 @@ def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int],
     """The grid images' maps, and each image's prediction and its probability."""
     device, classes = next(network.parameters()).device, dataset.classes
     maps, predictions = [], []
-    for images, labels, indices in _loader(dataset, rows, cfg.batch_size, data):
+    for images, labels, indices in _loader(dataset, rows, cfg.batch_size, data, network):
         images, labels = images.to(device), labels.to(device)
         probs = probabilities(network, images)
         targets = labels if cfg.target == "true" else probs.argmax(dim=1)
@@ -462,7 +463,7 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
     rng = np.random.default_rng([cfg.seed, 1])
     before, after_salient, after_random, predictions, morf, lerf, change, sample_maps = [], [], [], [], [], [], [], []
     seconds = dict.fromkeys(("cams", "salient_vs_random", "road", "confidence_change"), 0.0)
-    for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data)):
+    for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data, network)):
         images, labels = images.to(device), labels.to(device)
         start = time.perf_counter()
         probs = probabilities(network, images)
@@ -500,7 +501,7 @@ def _sanity(network: Network, method: str, dataset: ImageDataset, rows: list[int
             data: DataConfig, bar: tqdm) -> list[dict]:
     """The cascading randomisation on the sanity sample (one batch), for the trained model's target classes."""
     device, batches = next(network.parameters()).device, []
-    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data):
+    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data, network):
         images, labels = images.to(device), labels.to(device)
         batches.append((images, labels if cfg.target == "true" else probabilities(network, images).argmax(dim=1)))
     return sanity_check(network, method, batches, cfg.seed, data.image_size, bar)

@@ -50,7 +50,7 @@ from catdog import models
 from catdog.cam import (class_activation_maps, display_photo, draw_grid, sample_indices, spearman,
                         stage_dir as gradcam_dir)
 from catdog.config import CompareConfig, Config, save_config
-from catdog.data import find_classes
+from catdog.data import find_classes, loader_options
 from catdog.devices import inference_device
 from catdog.errors import CatdogError
 from catdog.io import atomic_path, file_sha256, open_text, printable_path, read_json, write_json
@@ -675,7 +675,7 @@ def true_class_maps(item: RunInputs, data_root: Path, images: list[str], method:
     network = item.run.load_model()[0].to(device)
     maps = []
     for batch, labels, _ in DataLoader(Subset(dataset, [where[image] for image in images]), batch_size=batch_size,
-                                       num_workers=item.config.data.num_workers):
+                                       **loader_options(item.config.data.num_workers, device, persistent=False)):
         maps.append(class_activation_maps(network, method, batch.to(device), labels))
         bar.update(len(batch))
     return dict(zip(images, np.concatenate(maps)))

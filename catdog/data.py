@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
+import gc
 import logging
 import math
 import os
@@ -363,24 +365,34 @@ class ImageDataset(Dataset):
         return [s.label for s in self.samples]
 
 
-def run_when_idle(worker_id: int) -> None:
-    """Put a DataLoader worker under ``SCHED_IDLE`` (the lowest nice where Linux has no such policy), so that it runs
-    only on a core the training step leaves idle. A worker that merely has a lower priority still takes a core from
-    one of the step's OpenMP threads now and then (and, likely, the other spins at the next barrier meanwhile): the
-    JPEG loop kept 0.91 of the step with workers at nice 10, 0.94-0.97 with ``SCHED_IDLE`` (``bench/train.py``)."""
+def run_when_idle() -> None:
+    """Put this process under ``SCHED_IDLE`` (the lowest nice where Linux has no such policy), so that it runs only on
+    a core the training step leaves idle. A worker that merely has a lower priority still takes a core from one of
+    the step's OpenMP threads now and then (and, likely, the other spins at the next barrier meanwhile): the JPEG
+    loop kept 0.91 of the step with workers at nice 10, 0.94-0.97 with ``SCHED_IDLE`` (``bench/train.py``)."""
     if hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     else:
         os.nice(19)
 
 
+def start_worker(worker_id: int, idle: bool) -> None:
+    """A DataLoader worker's first step. It freezes the Python objects it inherited from the process that forked it
+    (the model, the listings, torch's modules): its garbage collector never scans them, where the first full
+    collection otherwise touched each one and so copied the parent's pages. That cost each of extraction's workers
+    about 200 ms of a core (and the memory of the copies) at every start, with the model loaded (``gc.freeze``'s
+    own advice for ``fork``). With ``idle``, the worker then runs only when the CPU is idle (``run_when_idle``)."""
+    gc.freeze()
+    if idle:
+        run_when_idle()
+
+
 def loader_options(num_workers: int, device: torch.device, persistent: bool = True) -> dict:
     """DataLoader keyword arguments for a loader feeding ``device``: ``num_workers`` workers (kept between passes
-    when ``persistent``), pinned memory for a GPU, and workers that run only when the CPU is idle when they share
-    it with the step (``run_when_idle``)."""
+    when ``persistent``), pinned memory for a GPU, and workers started by ``start_worker``: they leave the objects
+    they inherit alone and, when they share the CPU with the step, run only when it is idle."""
     options = dict(num_workers=num_workers, pin_memory=device.type == "cuda")
     if num_workers:
         options["persistent_workers"] = persistent
-        if device.type == "cpu":
-            options["worker_init_fn"] = run_when_idle
+        options["worker_init_fn"] = functools.partial(start_worker, idle=device.type == "cpu")
     return options

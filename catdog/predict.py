@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from catdog.data import (IMAGE_SUFFIXES, build_transform, limit_image_pixels, load_rgb, unreadable_reason,
-                         warn_skipped)
+from catdog.data import (IMAGE_SUFFIXES, build_transform, limit_image_pixels, load_rgb, loader_options,
+                         unreadable_reason, warn_skipped)
 from catdog.devices import autocast, inference_device
 from catdog.errors import CatdogError
 from catdog.io import printable_path, write_json, write_text
@@ -290,8 +290,8 @@ def predict(run_path: str | os.PathLike, out: str | os.PathLike, paths: Sequence
     dataset = _Images(items, build_transform(config.data, train=False), config.data.image_size,
                       DISPLAY_SIZE if cam else None)
     workers = config.data.num_workers if workers is None else workers
-    loader = DataLoader(dataset, batch_size or config.data.eval_batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size or config.data.eval_batch_size, collate_fn=_collate,
+                        **loader_options(workers, device, persistent=False))
     probabilities = np.zeros((len(items), len(classes)), dtype=np.float32)
     predicted = np.full(len(items), -1, dtype=int)
     failed: dict[int, str] = {}

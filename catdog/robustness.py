@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 
 from catdog import models
 from catdog.config import Config, save_config
-from catdog.data import IMAGE_SUFFIXES, decode_steps, limit_image_pixels, warn_skipped
+from catdog.data import IMAGE_SUFFIXES, decode_steps, limit_image_pixels, loader_options, warn_skipped
 from catdog.devices import accelerator_for, autocast
 from catdog.errors import CatdogError
 from catdog.io import write_json
@@ -206,8 +206,8 @@ def robustness(config: Config, run_path: str | os.PathLike, data_root: str | os.
     variants = [CLEAN, *parameters]
     predicted = {model: {name: np.full(len(items), -1, dtype=int) for name in variants} for model in networks}
     failed: dict[int, str] = {}
-    loader = DataLoader(_Images(items, transform, data.image_size, None), data.eval_batch_size,
-                        num_workers=data.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(_Images(items, transform, data.image_size, None), data.eval_batch_size, collate_fn=_collate,
+                        **loader_options(data.num_workers, device, persistent=False))
     print(f"robustness: {len(items)} image(s) of {Path(data_root) / split}, {len(variants)} variant(s) x "
           f"{len(networks)} model(s) on {device} (autocast {precision})")
     with progress_bar(total=len(items), desc="robustness", unit="img") as bar:

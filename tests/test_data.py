@@ -1,3 +1,4 @@
+import gc
 import os
 import re
 import shutil
@@ -112,25 +113,33 @@ def test_a_transform_needs_a_resolved_data_config():
         build_transform(DataConfig(image_size=32, interpolation="bicubic"), train=False)
 
 
-class _SchedulingPolicy(torch.utils.data.Dataset):
-    """Each item is the scheduling policy of the process that loads it."""
+class _WorkerState(torch.utils.data.Dataset):
+    """Each item is the scheduling policy of the process that loads it and how many objects its GC leaves alone."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
-        return os.sched_getscheduler(0)
+        return os.sched_getscheduler(0), gc.get_freeze_count()
+
+
+def _worker_states(options: dict) -> list[tuple[int, int]]:
+    loader = torch.utils.data.DataLoader(_WorkerState(), batch_size=None, **options)
+    return [(int(policy), int(frozen)) for policy, frozen in loader]
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_cpu_loader_workers_run_only_when_the_cpu_is_idle():
-    mine = os.sched_getscheduler(0)
-    assert mine != os.SCHED_IDLE
-    cpu = torch.utils.data.DataLoader(_SchedulingPolicy(), batch_size=2, **loader_options(2, torch.device("cpu")))
-    assert [int(p) for batch in cpu for p in batch] == [os.SCHED_IDLE] * 4
-    assert os.sched_getscheduler(0) == mine  # the training process keeps its own policy
+def test_loader_workers_leave_inherited_objects_alone_and_on_the_cpu_run_only_when_it_is_idle():
+    mine, inherited = os.sched_getscheduler(0), len(gc.get_objects())
+    assert mine != os.SCHED_IDLE and gc.get_freeze_count() == 0
+    cpu = _worker_states(loader_options(2, torch.device("cpu")))
+    assert [policy for policy, _ in cpu] == [os.SCHED_IDLE] * 4
+    assert all(frozen >= inherited / 2 for _, frozen in cpu)  # the parent's objects, frozen in each worker
+    assert os.sched_getscheduler(0) == mine and gc.get_freeze_count() == 0  # this process keeps its own state
     gpu = loader_options(2, torch.device("cuda"))
-    assert gpu["pin_memory"] and gpu["persistent_workers"] and "worker_init_fn" not in gpu
+    assert gpu["pin_memory"] and gpu["persistent_workers"]
+    states = _worker_states({**gpu, "pin_memory": False})
+    assert [policy for policy, _ in states] == [mine] * 4 and all(frozen >= inherited / 2 for _, frozen in states)
     assert loader_options(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
 
 
