@@ -6,7 +6,8 @@ writing shards with spatial maps) against the seed's loop and against the networ
 Seed loop: torchvision ImageFolder with the same eval transform, batch 32, num_workers=0, fp32, no
 channels_last, features appended to a Python list. Forward only: ``net.spatial`` + ``net.pool`` on tensors
 decoded beforehand, with catdog's batch size, memory format, BatchNorm folding and precision. Each is
-measured ``--repeat`` times in alternating order and the best kept, which damps other load on the machine.
+measured ``--repeat`` times in alternating order and the best kept, which damps other load on the machine; each
+time in a new process, as a job runs, with catdog's allocator settings (``keep_freed_memory``) for all three.
 Goals on a 2-core CPU: catdog / seed >= 2, catdog / forward only >= 0.8 (decoding is not the bottleneck).
 
 It also prints the CPU seconds of the forward pass alone and of catdog's extraction (its main process and its decode
@@ -15,10 +16,12 @@ the work is scheduled.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from torchvision.datasets import ImageFolder
 
 from catdog.cli import config_from, parser, run_job
 from catdog.data import build_transform, find_classes, list_samples, load_rgb
-from catdog.devices import AUTOCAST_DTYPES, resolve_mixed_precision
+from catdog.devices import AUTOCAST_DTYPES, keep_freed_memory, resolve_mixed_precision
 from catdog.extract import decode_workers, extract
 from catdog.models import fold_batchnorm
 from catdog.run import RunDir
@@ -65,9 +68,18 @@ def link_run(run: RunDir, out: Path) -> Path:
     return out
 
 
-def seed_loop(network, data_root: Path, transform) -> tuple[np.ndarray, float]:
+def warm_network(run_path: Path, image_size: int):
+    """The run's network after one small forward pass (the seed's loop and the forward pass alone start from this)."""
+    network = RunDir(run_path).load_model()[0]
+    with torch.no_grad():
+        network.pool(network.spatial(torch.zeros(2, 3, image_size, image_size)))
+    return network
+
+
+def seed_loop(run_path: Path, data_root: Path, config) -> tuple[np.ndarray, float]:
     """The seed's extraction: ImageFolder, batch 32, no workers, fp32, a Python list of feature batches."""
-    dataset = ImageFolder(str(data_root / "train"), transform=transform)
+    network = warm_network(run_path, config.data.image_size)
+    dataset = ImageFolder(str(data_root / "train"), transform=build_transform(config.data, train=False))
     loader = DataLoader(dataset, batch_size=32, shuffle=False, num_workers=0)
     start = time.perf_counter()
     features = []
@@ -77,9 +89,10 @@ def seed_loop(network, data_root: Path, transform) -> tuple[np.ndarray, float]:
     return np.concatenate(features), time.perf_counter() - start
 
 
-def forward_only(network, images: list[Path], transform, config, precision: str) -> tuple[float, float]:
+def forward_only(run_path: Path, images: list[Path], config, precision: str) -> tuple[float, float]:
     """Wall and CPU seconds for ``spatial`` + ``pool`` over tensors decoded beforehand, with catdog's settings."""
     cfg, image_size = config.extract, config.data.image_size
+    network, transform = warm_network(run_path, image_size), build_transform(config.data, train=False)
     tensors = torch.stack([transform(load_rgb(path, image_size)) for path in images])
     if cfg.fold_batchnorm:
         network, _ = fold_batchnorm(network, tensors[:2])
@@ -101,6 +114,33 @@ def cpu_seconds() -> tuple[float, float]:
     return mine.ru_utime + mine.ru_stime, children.ru_utime + children.ru_stime
 
 
+def catdog_extract(config, run_dir: Path, data_root: Path) -> dict:
+    """jobs/extract.py's extraction: its wall seconds end to end and of the batch loop, the CPU seconds of this
+    process and of its decode workers, and the features it stored."""
+    start, (main, workers) = time.perf_counter(), cpu_seconds()
+    result = extract(config, run_dir, data_root)  # its workers have ended when it returns
+    end, (main_end, workers_end) = time.perf_counter(), cpu_seconds()
+    features = FeatureStore(Path(run_dir) / "features").features("train")
+    return {"seconds": end - start, "loop": result["seconds"], "main cpu": main_end - main,
+            "workers cpu": workers_end - workers, "features": features}
+
+
+def start_as_a_job(start_method: str) -> None:
+    """A measuring process's state as a job's: the platform's way of starting processes (a spawned process would
+    otherwise spawn its decode workers, each importing torch) and catdog's allocator settings."""
+    multiprocessing.set_start_method(start_method, force=True)
+    keep_freed_memory()
+
+
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a new interpreter, as each job runs: a measurement after another in one process would
+    inherit its heap, and extraction's forked decode workers then make the main process copy every page of it that
+    it writes (about 1 CPU-s more for 2,000 images)."""
+    spawn, default = multiprocessing.get_context("spawn"), multiprocessing.get_start_method()
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=start_as_a_job, initargs=(default,)) as pool:
+        return pool.submit(function, *args).result()
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--run", required=True, help="trained run directory")
@@ -114,16 +154,13 @@ def main() -> None:
     config.extract.cpu = True
     data_root = Path(args.data)
     images = chosen_images(data_root, args.limit)
-    transform = build_transform(config.data, train=False)
     precision = resolve_mixed_precision(config.extract.mixed_precision, on_cpu=True)
     reduced = [decoded_smaller(image, config.data.image_size) for image in images]
-    network = run.load_model()[0]
-    with torch.no_grad():
-        network.pool(network.spatial(torch.zeros(2, 3, config.data.image_size, config.data.image_size)))
     cfg = config.extract
     print(f"{len(images)} train images, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; catdog: "
           f"batch {cfg.batch_size}, {decode_workers(cfg.num_workers)} workers, precision {precision}, channels_last "
-          f"{cfg.channels_last}, fold_batchnorm {cfg.fold_batchnorm}, spatial maps {cfg.spatial}")
+          f"{cfg.channels_last}, fold_batchnorm {cfg.fold_batchnorm}, spatial maps {cfg.spatial}; each measured in "
+          "a process of its own")
 
     seconds: dict[str, list[float]] = {"seed loop": [], "catdog extract": [], "catdog batch loop": [],
                                        "forward only": []}
@@ -132,22 +169,20 @@ def main() -> None:
         linked = link_images(images, data_root, Path(tmp) / "data")
 
         def measure_seed():
-            features, taken = seed_loop(network, linked, transform)
+            features, taken = in_fresh_process(seed_loop, run.path, linked, config)
             seconds["seed loop"].append(taken)
             return features
 
         def measure_catdog(repeat: int):
-            scratch = link_run(run, Path(tmp) / f"run{repeat}")
-            start, (main, workers) = time.perf_counter(), cpu_seconds()
-            result = extract(config, scratch, linked)  # its workers have ended when it returns
-            seconds["catdog extract"].append(time.perf_counter() - start)
-            cpu["catdog main"].append(cpu_seconds()[0] - main)
-            cpu["catdog workers"].append(cpu_seconds()[1] - workers)
-            seconds["catdog batch loop"].append(result["seconds"])
-            return FeatureStore(scratch / "features").features("train")
+            measured = in_fresh_process(catdog_extract, config, link_run(run, Path(tmp) / f"run{repeat}"), linked)
+            seconds["catdog extract"].append(measured["seconds"])
+            seconds["catdog batch loop"].append(measured["loop"])
+            cpu["catdog main"].append(measured["main cpu"])
+            cpu["catdog workers"].append(measured["workers cpu"])
+            return measured["features"]
 
         def measure_forward():
-            taken, used = forward_only(network, images, transform, config, precision)
+            taken, used = in_fresh_process(forward_only, run.path, images, config, precision)
             seconds["forward only"].append(taken)
             cpu["forward only"].append(used)
 
