@@ -53,8 +53,7 @@ def main() -> None:
     split = store.splits[0]
     maps = store.spatial(split, np.arange(min(args.rows, store.num_rows(split))))
     print(f"{len(maps)} maps {tuple(maps.shape[1:])} float16 of {args.store} ({split}), {np.mean(maps == 0):.0%} "
-          f"zeros; "
-          f"batches of {args.batch}, best of {args.repeat}")
+          f"zeros; batches of {args.batch}, best of {args.repeat}")
     batches = len(maps) / args.batch
     with tempfile.TemporaryDirectory() as tmp:
         for name in COMPRESSION:

@@ -432,9 +432,10 @@ def draw_sanity(models: list[dict], threshold: float, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
-def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig, network: Network) -> DataLoader:
+def _loader(dataset: ImageDataset, rows: list[int], batch_size: int, data: DataConfig,
+            device: torch.device) -> DataLoader:
     return DataLoader(Subset(dataset, rows), batch_size=batch_size,
-                      **loader_options(data.num_workers, next(network.parameters()).device, persistent=False))
+                      **loader_options(data.num_workers, device, persistent=False))
 
 
 def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int], cfg: GradcamConfig,
@@ -442,7 +443,7 @@ def _grid(network: Network, method: str, dataset: ImageDataset, rows: list[int],
     """The grid images' maps, and each image's prediction and its probability."""
     device, classes = next(network.parameters()).device, dataset.classes
     maps, predictions = [], []
-    for images, labels, indices in _loader(dataset, rows, cfg.batch_size, data, network):
+    for images, labels, indices in _loader(dataset, rows, cfg.batch_size, data, device):
         images, labels = images.to(device), labels.to(device)
         probs = probabilities(network, images)
         targets = labels if cfg.target == "true" else probs.argmax(dim=1)
@@ -463,7 +464,7 @@ def _faithfulness(network: Network, method: str, dataset: ImageDataset, rows: li
     rng = np.random.default_rng([cfg.seed, 1])
     before, after_salient, after_random, predictions, morf, lerf, change, sample_maps = [], [], [], [], [], [], [], []
     seconds = dict.fromkeys(("cams", "salient_vs_random", "road", "confidence_change"), 0.0)
-    for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data, network)):
+    for batch, (images, labels, _) in enumerate(_loader(dataset, rows, cfg.batch_size, data, device)):
         images, labels = images.to(device), labels.to(device)
         start = time.perf_counter()
         probs = probabilities(network, images)
@@ -501,7 +502,7 @@ def _sanity(network: Network, method: str, dataset: ImageDataset, rows: list[int
             data: DataConfig, bar: tqdm) -> list[dict]:
     """The cascading randomisation on the sanity sample (one batch), for the trained model's target classes."""
     device, batches = next(network.parameters()).device, []
-    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data, network):
+    for images, labels, _ in _loader(dataset, rows, cfg.batch_size, data, device):
         images, labels = images.to(device), labels.to(device)
         batches.append((images, labels if cfg.target == "true" else probabilities(network, images).argmax(dim=1)))
     return sanity_check(network, method, batches, cfg.seed, data.image_size, bar)
